@@ -1,0 +1,151 @@
+"""What the evaluation scripts run: load a saved model, evaluate a split, predict a folder, write a submission."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagenets_hf.data.mini import SYNSET_FILE_NAME
+
+
+def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torch.device | str | None = None):
+    """A saved `ViTFCNForSemanticSegmentation` (folder or Hub id) in float32 and its image processor (the default
+    evaluation processor, with a warning, when none was saved)."""
+    from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
+
+    name = os.fspath(model_name_or_path)
+    model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
+    try:
+        processor = ViTFCNImageProcessor.from_pretrained(name)
+    except OSError:
+        warnings.warn(f"{name}: no image processor saved; using the default evaluation preprocessing", stacklevel=2)
+        processor = ViTFCNImageProcessor()
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor
+
+
+def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:
+    """Class names ("other" first), using `<data_dir>/LOC_synset_mapping.txt` when no synset file is given."""
+    from imagenets_hf.data.imagenets import class_names
+
+    if synset_words is None and (Path(data_dir) / SYNSET_FILE_NAME).is_file():
+        synset_words = Path(data_dir) / SYNSET_FILE_NAME
+    return class_names(data_dir, synset_words=synset_words)
+
+
+def run_evaluation(
+    model_name_or_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "validation",
+    output: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    extended: bool = True,
+    num_workers: int = 2,
+    synset_words: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a saved model on a split by the official protocol; print the per-class table and summary, write the
+    JSON and the chart (main process only). Runs under `accelerate launch` as well (exact across processes)."""
+    from accelerate import Accelerator
+
+    from imagenets_hf.data.imagenets import load_imagenets
+    from imagenets_hf.evaluation.inference import evaluate_model, format_iou_table
+    from imagenets_hf.evaluation.report import plot_per_class_iou, write_metrics_json
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes need cpu=True
+    model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
+    with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
+        dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
+    names = dataset_class_names(data_dir, synset_words)
+    if len(names) != model.config.num_labels:
+        raise ValueError(
+            f"{model_name_or_path}: the model predicts {model.config.num_labels} labels but {data_dir} has "
+            f"{len(names)} (with 'other')"
+        )
+    metrics = evaluate_model(
+        model,
+        processor,
+        dataset,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        extended=extended,
+        progress=progress,
+        dtype=dtype,
+        num_workers=num_workers,
+    )
+    if accelerator.is_main_process:
+        print(format_iou_table(metrics, names))
+        info = {
+            "model": os.fspath(model_name_or_path),
+            "data_dir": os.fspath(data_dir),
+            "split": split,
+            "dtype": dtype or "fp32",
+            "num_processes": accelerator.num_processes,
+        }
+        if output is not None:
+            print(f"metrics written to {write_metrics_json(metrics, output, names, **info)}")
+        if plot is not None:
+            title = f"{Path(os.fspath(model_name_or_path)).name} on {split}: per-class IoU"
+            print(f"chart written to {plot_per_class_iou(metrics, plot, names, title=title)}")
+    return metrics
+
+
+def run_prediction(
+    model_name_or_path: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    submission: str | os.PathLike | None = None,
+    method_file: str | os.PathLike | None = None,
+    overlay: bool = False,
+    overlay_dir: str | os.PathLike | None = None,
+    masks_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
+    `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip."""
+    from accelerate import Accelerator
+
+    from imagenets_hf.evaluation.predict import predict_folder
+    from imagenets_hf.evaluation.submission import make_submission
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes need cpu=True
+    model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
+    if overlay and overlay_dir is None:
+        overlay_dir = Path(out_dir).with_name(Path(out_dir).name + "_overlays")
+    written = predict_folder(
+        model,
+        processor,
+        images_dir,
+        out_dir,
+        batch_size=batch_size,
+        dtype=dtype,
+        overlay_dir=overlay_dir if overlay else None,
+        masks_dir=masks_dir,
+        num_workers=num_workers,
+        progress=progress,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"predictions": len(written), "out_dir": os.fspath(out_dir)}
+    if accelerator.is_main_process:
+        print(f"{len(written)} predictions written to {out_dir} (this process)")
+        if overlay:
+            print(f"overlays written to {overlay_dir}")
+            result["overlay_dir"] = os.fspath(overlay_dir)
+        if submission is not None:
+            zip_path = make_submission(out_dir, submission, method_file)
+            print(f"submission written to {zip_path}")
+            result["submission"] = os.fspath(zip_path)
+    return result

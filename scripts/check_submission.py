@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Check an ImageNet-S test-server zip: every test image predicted, sizes, ids 0..N, method.txt fields.
+
+    python scripts/check_submission.py submission.zip --data-dir DIR [--split test]
+
+Exits 0 when the zip passes, 1 listing the problems otherwise.
+"""
+
+import argparse
+import sys
+
+from imagenets_hf.evaluation.submission import check_submission
+
+MAX_LISTED = 100
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("zip", help="the submission zip")
+    parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder holding <split>/<wnid>/*.JPEG")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--num-classes", type=int, help="N (ids 0..N allowed); default: class folders in data-dir")
+    args = parser.parse_args()
+    problems = check_submission(args.zip, args.data_dir, split=args.split, num_classes=args.num_classes)
+    if problems:
+        print(f"{args.zip}: {len(problems)} problem(s)")
+        for problem in problems[:MAX_LISTED]:
+            print(f"  {problem}")
+        if len(problems) > MAX_LISTED:
+            print(f"  ... and {len(problems) - MAX_LISTED} more")
+        return 1
+    print(f"{args.zip}: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

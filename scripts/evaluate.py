@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Evaluate a saved ImageNet-S segmentation model on a split by the official protocol.
+
+python scripts/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split validation] [--output metrics.json]
+    [--plot chart.png] [--batch-size 8] [--dtype bf16]
+accelerate launch --num_processes 2 scripts/evaluate.py ...   # same numbers, split across processes
+"""
+
+import argparse
+import os
+import sys
+
+# This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from imagenets_hf.evaluation.run import run_evaluation  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder (official layout)")
+    parser.add_argument("--split", default="validation", choices=["validation", "train_semi"])
+    parser.add_argument("--output", help="write every number as JSON here")
+    parser.add_argument("--plot", help="write a per-class IoU bar chart (PNG) here")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (GPU)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--no-extended", action="store_true", help="mIoU family only (skip boundary/size/F/Acc)")
+    parser.add_argument("--synset-words", help="LOC_synset_mapping.txt for class names")
+    parser.add_argument("--cache-dir", help="datasets cache folder")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    run_evaluation(
+        args.model,
+        args.data_dir,
+        split=args.split,
+        output=args.output,
+        plot=args.plot,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        extended=not args.no_extended,
+        num_workers=args.num_workers,
+        synset_words=args.synset_words,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Predict a folder of images and write masks in the official encoding (optionally a test-server zip).
+
+python scripts/predict.py --model DIR --images DATA/test --out PRED [--submission submission.zip
+    --method-file method.txt] [--overlay]
+"""
+
+import argparse
+
+from imagenets_hf.evaluation.run import run_prediction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    parser.add_argument("--images", required=True, help="folder of <wnid>/<name>.JPEG images")
+    parser.add_argument("--out", required=True, help="where <wnid>/<name>.png predictions go")
+    parser.add_argument("--submission", help="also write the test-server zip here")
+    parser.add_argument("--method-file", help="method.txt for the zip (a template is written when absent)")
+    parser.add_argument("--overlay", action="store_true", help="write image | ground truth | prediction overlays")
+    parser.add_argument("--overlay-dir", help="overlay folder (default: <out>_overlays)")
+    parser.add_argument("--masks", help="ground-truth masks for the overlays (default: <images>-segmentation)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (GPU)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    run_prediction(
+        args.model,
+        args.images,
+        args.out,
+        submission=args.submission,
+        method_file=args.method_file,
+        overlay=args.overlay,
+        overlay_dir=args.overlay_dir,
+        masks_dir=args.masks,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    main()
