@@ -1,0 +1,275 @@
+"""Image processor of the ViT + FCN model: the ImageNet-S evaluation preprocessing and post-processing.
+
+Preprocessing (mmsegmentation's test pipeline for ImageNet-S): resize keeping the aspect ratio so that the short
+side is 256 and the long side at most 1024, scale to [0, 1], normalise with the ImageNet mean/std. Images with more
+than 1000 x 1000 pixels are first brought to long side 1000 (the official protocol), and their prediction is brought
+back to the original size with nearest upsampling. Segmentation maps are always resized nearest (never bicubic,
+which would invent class ids).
+
+This file is copied next to saved weights by `register_for_auto_class`, so it imports only numpy, PIL, torch and
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+
+def rescale_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """(height, width) after a keep-ratio resize to short side `short_side` with the long side at most
+    `max_long_side` (mmcv's `rescale_size` with scale (max_long_side, short_side), rounding half up)."""
+    scale = min(max_long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(height, width) after a keep-ratio resize to the given long side."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _to_rgb_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3:
+        raise ValueError(f"an image must be HxW, HxWxC or CxHxW, got shape {array.shape}")
+    return to_pil_image(array).convert("RGB")
+
+
+def _to_label_array(segmentation_map) -> np.ndarray:
+    """Class ids (int64, HxW) from a single-channel image/array, or from an RGB ImageNet-S mask (id = R + 256 * G)."""
+    if isinstance(segmentation_map, Image.Image):
+        if segmentation_map.mode == "RGB":
+            rgb = np.asarray(segmentation_map).astype(np.int64)
+            return rgb[..., 0] + 256 * rgb[..., 1]
+        if segmentation_map.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
+            raise ValueError(f"segmentation map of PIL mode {segmentation_map.mode!r}: expected ids or an RGB mask")
+        return np.asarray(segmentation_map).astype(np.int64)
+    if isinstance(segmentation_map, torch.Tensor):
+        segmentation_map = segmentation_map.detach().cpu().numpy()
+    array = np.asarray(segmentation_map)
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.squeeze(0 if array.shape[0] == 1 else -1)
+    if array.ndim != 2:
+        raise ValueError(f"a segmentation map must be HxW class ids, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"a segmentation map must hold integer class ids, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _as_list(inputs) -> list:
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs)
+    if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+        return list(inputs)
+    return [inputs]
+
+
+class ViTFCNImageProcessor(BaseImageProcessor):
+    r"""ImageNet-S evaluation preprocessing and semantic-segmentation post-processing.
+
+    Args:
+        do_resize (`bool`): resize keeping the ratio (short side `short_side`, long side at most `max_long_side`).
+        short_side (`int`), max_long_side (`int`): the resize targets (256 and 1024 in the official protocol).
+        resample (`int`): PIL resampling filter for images (bilinear); masks always use nearest.
+        do_rescale (`bool`), rescale_factor (`float`): multiply pixel values (1/255).
+        do_normalize (`bool`), image_mean, image_std: normalisation (ImageNet mean/std).
+        max_pixels (`int`): images with more pixels than this are handled at long side `large_image_long_side`.
+        large_image_long_side (`int`): see `max_pixels` (1000).
+        do_pad (`bool`): pad a batch of differently sized images bottom/right (images with 0, labels with
+            `ignore_index`) so they stack; off by default because padding changes a ViT's output, so the official
+            protocol processes one image at a time.
+        ignore_index (`int`): label used for padded mask pixels.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> processor = ViTFCNImageProcessor()
+    >>> processor(Image.new("RGB", (640, 480)), return_tensors="pt")["pixel_values"].shape
+    torch.Size([1, 3, 256, 341])
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        short_side: int = 256,
+        max_long_side: int = 1024,
+        resample: int = PILImageResampling.BILINEAR,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        max_pixels: int = 1000 * 1000,
+        large_image_long_side: int = 1000,
+        do_pad: bool = False,
+        ignore_index: int = 1000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.do_resize = do_resize
+        self.short_side = int(short_side)
+        self.max_long_side = int(max_long_side)
+        self.resample = int(resample)
+        self.do_rescale = do_rescale
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = do_normalize
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.max_pixels = int(max_pixels)
+        self.large_image_long_side = int(large_image_long_side)
+        self.do_pad = do_pad
+        self.ignore_index = int(ignore_index)
+
+    # -- sizes -------------------------------------------------------------------------------------------------
+
+    def is_large(self, height: int, width: int) -> bool:
+        """Whether an image of this size is handled at long side `large_image_long_side` (official protocol)."""
+        return height * width > self.max_pixels
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size at which a prediction is made for an original image of (height, width): the original size, or the
+        long-side-`large_image_long_side` size for large images."""
+        if self.is_large(height, width):
+            return long_side_size(height, width, self.large_image_long_side)
+        return height, width
+
+    def model_input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the processed image fed to the model for an original image of (height, width)."""
+        height, width = self.working_size(height, width)
+        if not self.do_resize:
+            return height, width
+        return rescale_size(height, width, self.short_side, self.max_long_side)
+
+    # -- preprocessing -----------------------------------------------------------------------------------------
+
+    def _process_image(self, image: Image.Image) -> np.ndarray:
+        working = self.working_size(image.height, image.width)
+        if working != (image.height, image.width):
+            image = image.resize((working[1], working[0]), resample=self.resample)
+        size = self.model_input_size(image.height, image.width)
+        if size != (image.height, image.width):
+            image = image.resize((size[1], size[0]), resample=self.resample)
+        array = np.asarray(image, dtype=np.float32)
+        if self.do_rescale:
+            array = array * self.rescale_factor
+        if self.do_normalize:
+            array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def _process_segmentation_map(self, ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        if tuple(ids.shape) == tuple(size):
+            return ids
+        if ids.min(initial=0) < 0 or ids.max(initial=0) >= 2**31:
+            raise ValueError(f"segmentation map ids must lie in [0, 2**31), got [{ids.min()}, {ids.max()}]")
+        resized = Image.fromarray(ids.astype(np.int32), mode="I").resize((size[1], size[0]), Image.NEAREST)
+        return np.asarray(resized).astype(np.int64)
+
+    def _pad(self, arrays: list[np.ndarray], value: float) -> list[np.ndarray]:
+        height = max(a.shape[-2] for a in arrays)
+        width = max(a.shape[-1] for a in arrays)
+        padded = []
+        for a in arrays:
+            pad = [(0, 0)] * (a.ndim - 2) + [(0, height - a.shape[-2]), (0, width - a.shape[-1])]
+            padded.append(np.pad(a, pad, constant_values=value))
+        return padded
+
+    def preprocess(
+        self,
+        images,
+        segmentation_maps=None,
+        return_tensors: str | None = None,
+        do_pad: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Preprocess images (and optionally their segmentation maps, resized nearest to the same size).
+
+        Returns a `BatchFeature` with `pixel_values` (and `labels`, int64 class ids). Images of different processed
+        sizes are only stacked with `do_pad=True`.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments to ViTFCNImageProcessor.preprocess: {sorted(kwargs)}")
+        do_pad = self.do_pad if do_pad is None else do_pad
+        images = [_to_rgb_pil(image) for image in _as_list(images)]
+        pixel_values = [self._process_image(image) for image in images]
+        labels = None
+        if segmentation_maps is not None:
+            maps = _as_list(segmentation_maps)
+            if len(maps) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(maps)} segmentation maps")
+            labels = []
+            for i, (image, seg) in enumerate(zip(images, maps)):
+                ids = _to_label_array(seg)
+                if tuple(ids.shape) != (image.height, image.width):
+                    raise ValueError(
+                        f"segmentation map {i} has size {tuple(ids.shape)} but its image is {(image.height, image.width)}"
+                    )
+                labels.append(self._process_segmentation_map(ids, pixel_values[i].shape[-2:]))
+
+        sizes = {tuple(p.shape[-2:]) for p in pixel_values}
+        if return_tensors is not None and len(sizes) > 1:
+            if not do_pad:
+                raise ValueError(
+                    f"the processed images have different sizes {sorted(sizes)}: process them one at a time "
+                    "(the official protocol) or pass do_pad=True to pad them bottom/right"
+                )
+            pixel_values = self._pad(pixel_values, 0.0)
+            if labels is not None:
+                labels = self._pad(labels, self.ignore_index)
+        data = {"pixel_values": pixel_values}
+        if labels is not None:
+            data["labels"] = labels
+        if return_tensors is not None:
+            data = {key: np.stack(value) for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def __call__(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, segmentation_maps=segmentation_maps, **kwargs)
+
+    # -- post-processing ---------------------------------------------------------------------------------------
+
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """Class-id maps (int64 tensors) from model outputs.
+
+        With `target_sizes` (the original (height, width) of each image), the logits are resized bilinearly
+        (align_corners False) to each size and argmaxed; for images with more than `max_pixels` pixels the logits
+        go to the long-side-`large_image_long_side` size and the argmax is upsampled nearest to the original size.
+        Without `target_sizes`, the argmax at the logits' resolution.
+        """
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        if target_sizes is None:
+            return list(logits.argmax(dim=1))
+        if len(target_sizes) != len(logits):
+            raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits")
+        results = []
+        for image_logits, target_size in zip(logits, target_sizes):
+            height, width = (int(v) for v in target_size)
+            working = self.working_size(height, width)
+            resized = F.interpolate(image_logits[None].float(), size=working, mode="bilinear", align_corners=False)
+            prediction = resized.argmax(dim=1)
+            if working != (height, width):
+                prediction = F.interpolate(prediction[None].float(), size=(height, width), mode="nearest")[0].long()
+            results.append(prediction[0])
+        return results
+
+
+__all__ = ["ViTFCNImageProcessor", "rescale_size", "long_side_size"]

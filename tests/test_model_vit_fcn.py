@@ -1,0 +1,351 @@
+"""ViT + FCN model against independent references: timm's VisionTransformer, a plainly written FCN head, a
+hand-written loss; presets, layer ids, SDPA, gradient checkpointing, SyncBatchNorm conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+from imagenets_hf.model import ViTFCNConfig, ViTFCNForSemanticSegmentation
+
+TINY_ENCODER = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
+# A 224-input encoder with patch 16 as the recipe's, only narrow and shallow.
+SMALL_224 = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def tiny_config(preset: str = "fcn", **kwargs) -> ViTFCNConfig:
+    values = {
+        "encoder_name": "vit_small_patch16_224",
+        "encoder_kwargs": TINY_ENCODER,
+        "drop_path_rate": 0.0,
+        "num_labels": 5,
+        **kwargs,
+    }
+    return ViTFCNConfig.from_preset(preset, **values)
+
+
+def timm_reference(model: ViTFCNForSemanticSegmentation, img_size, antialias: bool = False):
+    """A bare timm VisionTransformer at `img_size` holding the model's encoder weights, its position embedding
+    resized by timm's own function."""
+    config = model.config
+    reference = timm.create_model(
+        config.encoder_name, pretrained=False, num_classes=0, **{**config.encoder_kwargs, "img_size": img_size}
+    ).eval()
+    state = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"],
+        new_size=reference.patch_embed.grid_size,
+        old_size=model.encoder.patch_embed.grid_size,
+        num_prefix_tokens=1,
+        antialias=antialias,
+    )
+    reference.load_state_dict(state)
+    return reference
+
+
+def reference_patch_map(reference, pixel_values: torch.Tensor) -> torch.Tensor:
+    tokens = reference.forward_features(pixel_values)[:, reference.num_prefix_tokens :]
+    h, w = reference.patch_embed.grid_size
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+@pytest.fixture(scope="module")
+def small_224_model():
+    torch.manual_seed(0)
+    config = ViTFCNConfig.from_preset(
+        "fcn", encoder_name="vit_small_patch16_224", encoder_kwargs=SMALL_224, drop_path_rate=0.0, num_labels=3
+    )
+    model = ViTFCNForSemanticSegmentation(config).eval()
+    # Position embeddings with spatial structure make resampling differences visible.
+    with torch.no_grad():
+        model.encoder.pos_embed.normal_(std=1.0)
+    return model
+
+
+# -- encoder ----------------------------------------------------------------------------------------------------
+
+
+def test_encoder_matches_timm_at_224(small_224_model):
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 224, 224)
+    reference = timm_reference(small_224_model, (224, 224))
+    with torch.no_grad():
+        features, _ = small_224_model.forward_features(pixel_values)
+        expected = reference_patch_map(reference, pixel_values)
+    assert features.shape == (2, 64, 14, 14)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("height", "width", "padded"), [(256, 320, (256, 320)), (250, 330, (256, 336))])
+def test_encoder_matches_timm_at_non_square_sizes(small_224_model, height, width, padded):
+    torch.manual_seed(2)
+    pixel_values = torch.randn(1, 3, height, width)
+    # The reference pads bottom/right with zeros and resizes the grid with plain bicubic (no antialiasing).
+    padded_input = F.pad(pixel_values, (0, padded[1] - width, 0, padded[0] - height))
+    reference = timm_reference(small_224_model, padded)
+    with torch.no_grad():
+        features, _ = small_224_model.forward_features(pixel_values)
+        expected = reference_patch_map(reference, padded_input)
+        antialiased = reference_patch_map(timm_reference(small_224_model, padded, antialias=True), padded_input)
+    assert features.shape == (1, 64, padded[0] // 16, padded[1] // 16)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    # timm's antialiased resampling is measurably different: the comparison above can tell them apart.
+    assert (features - antialiased).abs().max() > 1e-2
+
+
+def test_final_norm_off_gives_the_last_block_output(small_224_model):
+    config = ViTFCNConfig(**{**small_224_model.config.to_dict(), "final_norm": False})
+    model = ViTFCNForSemanticSegmentation(config).eval()
+    model.load_state_dict(small_224_model.state_dict())
+    pixel_values = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        features, hidden_states = model.forward_features(pixel_values, output_hidden_states=True)
+        reference = timm_reference(model, (224, 224))
+        reference.norm = torch.nn.Identity()
+        expected = reference_patch_map(reference, pixel_values)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    assert len(hidden_states) == model.num_layers + 1
+    torch.testing.assert_close(hidden_states[-1][:, 1:].transpose(1, 2).reshape_as(features), features)
+
+
+def test_logits_shape_is_ceil_of_input_over_patch():
+    model = ViTFCNForSemanticSegmentation(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 41, 57))
+    assert out.logits.shape == (2, 5, 6, 8)
+    assert out.loss is None
+
+
+def test_encoder_keeps_timm_parameter_names():
+    model = ViTFCNForSemanticSegmentation(tiny_config())
+    reference = timm.create_model("vit_small_patch16_224", num_classes=0, **TINY_ENCODER)
+    assert set(model.encoder.state_dict()) == set(reference.state_dict())
+    assert model.encoder.blocks[0].attn.qkv.bias is not None
+    assert model.encoder.norm.eps == 1e-6
+
+
+# -- decode head ------------------------------------------------------------------------------------------------
+
+
+def plain_fcn_head(x, head, num_convs, concat_input, kernel_size, training):
+    """mmseg's FCNHead written with plain torch functions from the head's tensors."""
+
+    def conv_bn_relu(inp, module):
+        out = F.conv2d(inp, module.conv.weight, module.conv.bias, padding=kernel_size // 2)
+        bn = module.bn
+        out = F.batch_norm(
+            out, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, training, 0.1, bn.eps
+        )
+        return torch.relu(out)
+
+    out = x
+    for i in range(num_convs):
+        out = conv_bn_relu(out, head.convs[i])
+    if concat_input:
+        out = conv_bn_relu(torch.cat([x, out], dim=1), head.conv_cat)
+    return F.conv2d(out, head.conv_seg.weight, head.conv_seg.bias)
+
+
+@pytest.mark.parametrize("num_convs", [0, 1, 2])
+@pytest.mark.parametrize("concat_input", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_fcn_head_matches_plain_reference(num_convs, concat_input, training):
+    torch.manual_seed(3)
+    channels = 32 if num_convs == 0 else 24
+    config = tiny_config(num_convs=num_convs, concat_input=concat_input, channels=channels)
+    head = ViTFCNForSemanticSegmentation(config).decode_head
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+        head.conv_seg.weight.normal_()
+    head.train(training)
+    x = torch.randn(2, 32, 5, 6)
+    expected = plain_fcn_head(x, head, num_convs, concat_input, 3, training)
+    with torch.no_grad():
+        actual = head(x)
+    assert actual.shape == (2, 5, 5, 6)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert len(head.convs) == num_convs
+    assert (head.conv_cat is not None) == concat_input
+
+
+def test_fcn_preset_is_the_published_head():
+    config = tiny_config("fcn")
+    head = ViTFCNForSemanticSegmentation(config).decode_head
+    assert (config.num_convs, config.concat_input, config.dropout_ratio, config.loss_average) == (0, True, 0.0, "all")
+    assert config.final_norm
+    # one 3x3 conv 2C -> C without bias (BatchNorm follows), BatchNorm, ReLU, then the 1x1 classifier
+    assert head.conv_cat.conv.weight.shape == (32, 64, 3, 3) and head.conv_cat.conv.bias is None
+    assert isinstance(head.conv_cat.bn, torch.nn.BatchNorm2d)
+    assert head.conv_seg.weight.shape == (5, 32, 1, 1)
+    # truncated normal with std 2e-5 (bounds +-2 absolute, as mmcv's trunc_normal_init), bias zero
+    head = ViTFCNForSemanticSegmentation(tiny_config("fcn", num_labels=200)).decode_head
+    assert 1.8e-5 < head.conv_seg.weight.std().item() < 2.2e-5
+    assert torch.count_nonzero(head.conv_seg.bias) == 0
+
+
+def test_linear_preset_is_imagenetsegmodel_head():
+    config = tiny_config("linear")
+    head = ViTFCNForSemanticSegmentation(config).decode_head
+    assert config.final_norm and config.loss_average == "valid"
+    assert head.conv_cat is None and len(head.convs) == 0
+    assert [name for name, _ in head.named_parameters()] == ["conv_seg.weight", "conv_seg.bias"]
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown preset"):
+        ViTFCNConfig.from_preset("segformer")
+    with pytest.raises(ValueError, match="loss_average"):
+        ViTFCNConfig(loss_average="mean")
+    with pytest.raises(ValueError, match="num_convs=0"):
+        ViTFCNForSemanticSegmentation(tiny_config(channels=16))
+    assert ViTFCNConfig().num_labels == 920
+
+
+# -- loss -------------------------------------------------------------------------------------------------------
+
+
+def hand_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int, average: str) -> float:
+    """Cross entropy pixel by pixel, logits and labels already at the same size."""
+    total, valid = 0.0, 0
+    batch, _, height, width = logits.shape
+    for b in range(batch):
+        for i in range(height):
+            for j in range(width):
+                label = labels[b, i, j]
+                if label == ignore_index:
+                    continue
+                scores = logits[b, :, i, j].astype(np.float64)
+                total += np.log(np.exp(scores - scores.max()).sum()) + scores.max() - scores[label]
+                valid += 1
+    return total / (batch * height * width) if average == "all" else total / valid
+
+
+@pytest.mark.parametrize("average", ["all", "valid"])
+def test_loss_matches_hand_written_reference(average):
+    torch.manual_seed(4)
+    # Patch 8 and loss_downsample 8: logits (5x7) are already at the label size, so the reference needs no resize.
+    model = ViTFCNForSemanticSegmentation(tiny_config(loss_average=average)).eval()
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.normal_()
+    labels = torch.randint(0, 5, (2, 40, 56))
+    labels[0, :16] = 1000
+    labels[1, :, :8] = 1000
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 40, 56), labels=labels)
+    # nearest to 1/8 keeps the top-left pixel of each 8x8 cell
+    expected = hand_loss(out.logits.numpy(), labels[:, ::8, ::8].numpy(), 1000, average)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_averages_differ_by_the_valid_fraction():
+    torch.manual_seed(5)
+    model_all = ViTFCNForSemanticSegmentation(tiny_config(loss_average="all")).eval()
+    model_valid = ViTFCNForSemanticSegmentation(tiny_config(loss_average="valid")).eval()
+    model_valid.load_state_dict(model_all.state_dict())
+    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.randint(0, 5, (1, 64, 64))
+    labels[:, :32] = 1000  # half the 8x8 label grid ignored
+    with torch.no_grad():
+        loss_all = model_all(pixel_values, labels=labels).loss
+        loss_valid = model_valid(pixel_values, labels=labels).loss
+    assert loss_all.item() == pytest.approx(loss_valid.item() / 2, rel=1e-6)
+
+
+def test_loss_at_full_resolution_upsamples_logits_bilinearly():
+    torch.manual_seed(6)
+    model = ViTFCNForSemanticSegmentation(tiny_config(loss_downsample=1, loss_average="valid")).eval()
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.normal_()
+    labels = torch.randint(0, 5, (1, 16, 24))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 16, 24), labels=labels)
+    upsampled = F.interpolate(out.logits, size=(16, 24), mode="bilinear", align_corners=False)
+    assert out.loss.item() == pytest.approx(hand_loss(upsampled.numpy(), labels.numpy(), 1000, "valid"), rel=1e-5)
+
+
+def test_labels_at_wrong_size_are_refused():
+    model = ViTFCNForSemanticSegmentation(tiny_config())
+    with pytest.raises(ValueError, match="input resolution"):
+        model(torch.randn(1, 3, 32, 32), labels=torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+# -- layer ids, attention, checkpointing, SyncBatchNorm ------------------------------------------------------------
+
+
+def test_layer_ids_follow_the_layer_decay_formula():
+    model = ViTFCNForSemanticSegmentation(tiny_config())
+    assert model.num_layers == 2
+    ids = {name: model.get_layer_id(name) for name, _ in model.named_parameters()}
+    assert ids["encoder.cls_token"] == ids["encoder.pos_embed"] == ids["encoder.patch_embed.proj.weight"] == 0
+    assert ids["encoder.blocks.0.attn.qkv.weight"] == 1 and ids["encoder.blocks.1.mlp.fc2.bias"] == 2
+    assert ids["encoder.norm.weight"] == 3 and ids["decode_head.conv_seg.weight"] == 3
+    assert ids["decode_head.conv_cat.bn.weight"] == 3
+
+
+def test_sdpa_is_on_by_default_and_eager_gives_the_same_logits(monkeypatch):
+    torch.manual_seed(7)
+    model = ViTFCNForSemanticSegmentation(tiny_config()).eval()
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    pixel_values = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        fused = model(pixel_values).logits
+        assert len(calls) == model.num_layers
+        model.set_attn_implementation("eager")
+        eager = model(pixel_values).logits
+    assert len(calls) == model.num_layers  # eager attention does not call SDPA
+    assert not model.encoder.blocks[0].attn.fused_attn
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(8)
+    config = tiny_config(drop_path_rate=0.2)
+    model = ViTFCNForSemanticSegmentation(config).train()
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    forward_calls = []
+    model.encoder.blocks[0].register_forward_pre_hook(lambda *args: forward_calls.append(1))
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(9)  # the same drop-path draws in both runs
+        model(pixel_values, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert len(forward_calls) == 1
+    model.activation_checkpointing_enable()
+    assert model.encoder.grad_checkpointing
+    checkpointed = gradients()
+    assert len(forward_calls) == 3  # block 0 ran again during the backward pass: checkpointing is active
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    model.activation_checkpointing_disable()
+    assert not model.encoder.grad_checkpointing
+
+
+def test_batchnorm_converts_to_syncbatchnorm():
+    model = ViTFCNForSemanticSegmentation(tiny_config()).eval()
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(pixel_values).logits
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted.decode_head.conv_cat.bn, torch.nn.SyncBatchNorm)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(pixel_values).logits, before)
