@@ -1,1 +1,6 @@
-"""training"""
+"""Fine-tuning: recipes (`recipes.py` + `recipes/*.yaml`), optimiser and schedule (`optim.py`), the training data
+stream (`data.py`) and the Accelerate loop (`finetune.py`)."""
+
+from .recipes import Recipe, available_recipes, load_recipe
+
+__all__ = ["Recipe", "available_recipes", "load_recipe"]
