@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import OFFICIAL_LISTS_DIR as LISTS
 from PIL import Image
 
 from imagenets_hf.data.imagenets import (
@@ -21,7 +22,6 @@ from imagenets_hf.data.imagenets import (
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
 from imagenets_hf.data.mini import MINI_NUM_CLASSES, MINI_WNIDS, SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
 
-LISTS = Path(__file__).resolve().parents[2] / "shared" / "imagenets" / "lists"
 SPLIT_FOLDERS = {
     "train_semi": ("train-semi", "train-semi-segmentation"),
     "validation": ("validation", "validation-segmentation"),

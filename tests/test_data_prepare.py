@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import OFFICIAL_LISTS_DIR as OFFICIAL_LISTS
 from PIL import Image
 
 from imagenets_hf.data.lists import (
@@ -31,10 +32,6 @@ from imagenets_hf.data.lists import (
 )
 from imagenets_hf.data.masks import encode_mask
 from imagenets_hf.data.prepare import MissingFilesError, prepare_imagenets
-
-OFFICIAL_LISTS = Path(__file__).resolve().parents[2] / "shared" / "imagenets" / "lists"
-if not OFFICIAL_LISTS.is_dir():
-    OFFICIAL_LISTS = Path("/work/shared/imagenets/lists")
 
 pytestmark = pytest.mark.skipif(
     not (OFFICIAL_LISTS / "categories" / "ImageNetS_categories_im50.txt").is_file(),
