@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
-from datasets.exceptions import DatasetGenerationError
 from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from imagenets_hf.data.imagenets import DEFAULT_SPLITS, SPLITS, ImageNetS, _default_splits, _raise_data_error
+from imagenets_hf.data.imagenets import DEFAULT_SPLITS, SPLITS, ImageNetS, _default_splits
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +88,13 @@ def export_imagenets(
             data_dir=data_dir,
             config_name=subset,
             cache_dir=os.path.join(work_dir, "cache"),
-            synset_words=None if synset_words is None else os.fspath(synset_words),
+            synset_words=synset_words,
             skip_bad=skip_bad,
             splits=splits,
             fingerprint="export",  # nothing cached: the builder writes parquet straight into work_dir
         )
         parquet_dir = os.path.join(work_dir, "parquet")
-        try:
-            builder.download_and_prepare(output_dir=parquet_dir, file_format="parquet", max_shard_size=max_shard_size)
-        except DatasetGenerationError as err:
-            _raise_data_error(err)
+        builder.download_and_prepare(output_dir=parquet_dir, file_format="parquet", max_shard_size=max_shard_size)
         config_name = builder.config.name
         config_dir = out_dir / config_name
         config_dir.mkdir(exist_ok=True)
@@ -166,15 +162,12 @@ def build_imagenets_dataset_dict(
     builder = ImageNetS(
         data_dir=data_dir,
         config_name=subset,
-        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-        synset_words=None if synset_words is None else os.fspath(synset_words),
+        cache_dir=cache_dir,
+        synset_words=synset_words,
         skip_bad=skip_bad,
         splits=None if set(splits) <= set(_default_splits(data_dir)) else splits,
     )
-    try:
-        builder.download_and_prepare()
-    except DatasetGenerationError as err:
-        _raise_data_error(err)
+    builder.download_and_prepare()
     dataset_dict = datasets.DatasetDict({split: builder.as_dataset(split=split) for split in splits})
     if annotations_only:
         dataset_dict = dataset_dict.remove_columns("image")

@@ -320,6 +320,8 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
         data_dir = os.fspath(Path(data_dir).resolve())
         if config_name is None:
             config_name = detect_subset(data_dir)
+        if kwargs.get("cache_dir") is not None:
+            kwargs["cache_dir"] = os.fspath(kwargs["cache_dir"])
         if kwargs.get("synset_words") is not None:
             kwargs["synset_words"] = os.fspath(Path(kwargs["synset_words"]).resolve())
         splits = kwargs.get("splits")
@@ -333,6 +335,16 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
                 data_dir, splits or _default_splits(data_dir), kwargs.get("synset_words")
             )
         super().__init__(*args, data_dir=data_dir, config_name=config_name, **kwargs)
+
+    def download_and_prepare(self, *args, **kwargs):
+        """As datasets', but a bad file raises our error naming it: datasets wraps generation errors in a message
+        without the file."""
+        try:
+            return super().download_and_prepare(*args, **kwargs)
+        except DatasetGenerationError as err:
+            if isinstance(err.__cause__, ImageNetSDataError):
+                raise err.__cause__ from None
+            raise
 
     def _info(self) -> datasets.DatasetInfo:
         wnids = list_classes(self.config.data_dir)
@@ -404,14 +416,6 @@ def _default_splits(data_dir: str | os.PathLike) -> tuple[str, ...]:
     return tuple(split for split in DEFAULT_SPLITS if split in present)
 
 
-def _raise_data_error(err: DatasetGenerationError):
-    """datasets wraps generation errors in a message without the file: surface ours."""
-    cause = err.__cause__
-    if isinstance(cause, ImageNetSDataError):
-        raise cause from None
-    raise err
-
-
 def load_imagenets(
     data_dir: str | os.PathLike,
     split: str = "validation",
@@ -446,8 +450,8 @@ def load_imagenets(
     builder = ImageNetS(
         data_dir=data_dir,
         config_name=subset,
-        cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-        synset_words=None if synset_words is None else os.fspath(synset_words),
+        cache_dir=cache_dir,
+        synset_words=synset_words,
         skip_bad=skip_bad,
         **kwargs,
     )
@@ -455,8 +459,5 @@ def load_imagenets(
         list_split(data_dir, split, [])  # raises: the split's folder is missing
     if streaming:
         return builder.as_streaming_dataset(split=split)
-    try:
-        builder.download_and_prepare()
-    except DatasetGenerationError as err:
-        _raise_data_error(err)
+    builder.download_and_prepare()
     return builder.as_dataset(split=split)
