@@ -176,8 +176,10 @@ def test_demo_recipe_learns(tmp_path):
     assert (tmp_path / "outputs" / "demo" / "model.safetensors").is_file()
 
 
-def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path):
-    """`pretrained` goes through load_pretrained_encoder: with lr 0 the saved encoder equals the checkpoint."""
+@pytest.mark.parametrize("pretrained_key", [None, "student"])
+def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path, pretrained_key):
+    """`pretrained` goes through load_pretrained_encoder: with lr 0 the saved encoder equals the checkpoint (an
+    MAE-style file; or the student of a DINO-style file holding student and teacher, picked by `pretrained_key`)."""
     import timm
 
     from imagenets_hf.training.finetune import finetune
@@ -186,12 +188,23 @@ def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path):
     encoder_kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
     torch.manual_seed(123)
     source = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **encoder_kwargs)
-    checkpoint = tmp_path / "mae_like.pth"
-    torch.save({"model": source.state_dict()}, checkpoint)
+    checkpoint = tmp_path / "checkpoint.pth"
+    if pretrained_key is None:
+        torch.save({"model": source.state_dict()}, checkpoint)
+    else:
+        teacher = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **encoder_kwargs)
+        torch.save(
+            {
+                "student": {f"module.backbone.{k}": v for k, v in source.state_dict().items()},
+                "teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+            },
+            checkpoint,
+        )
     overrides = {
         "data_dir": str(mini_dir),
         "output_dir": str(tmp_path / "pretrained"),
         "pretrained": str(checkpoint),
+        "pretrained_key": pretrained_key,
         "encoder_kwargs": encoder_kwargs,
         "crop_size": 32,
         "resize_scale": [128, 32],

@@ -240,6 +240,7 @@ def finetune(
                 model,
                 recipe.pretrained,
                 allow_partial=recipe.pretrained_allow_partial,
+                key=recipe.pretrained_key,
                 verbose=accelerator.is_main_process,
             )
     if accelerator.num_processes > 1:

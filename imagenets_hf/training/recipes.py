@@ -54,6 +54,7 @@ class Recipe:
     drop_path_rate: float = 0.1
     pretrained: str | None = None  # checkpoint file or Hub id for the encoder; None trains from scratch
     pretrained_allow_partial: bool = False  # load a checkpoint that does not cover the whole encoder
+    pretrained_key: str | None = None  # sub-dict of the checkpoint ("teacher" by default where both exist, "student")
     # -- optimisation
     lr: float = 5e-4
     layer_decay: float = 0.60
