@@ -133,7 +133,9 @@ def test_loads_with_trust_remote_code_where_the_package_is_not_importable(saved_
         expected = torch.from_numpy(np.load({str(folder.parent / "logits.npy")!r}))
         with torch.no_grad():
             logits = model(pixel_values).logits
-        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+        # The parent computed `expected` with its own thread count (and possibly another CPU kernel), so float32
+        # sums are reordered: measured up to 4e-6 on logits of ~10. A wrong or missing weight moves logits by O(1).
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
         print("OK", type(model).__module__)
         """
     )
