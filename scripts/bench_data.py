@@ -10,7 +10,6 @@ is a straightforward PIL + NumPy implementation. Prints a table, then one JSON l
     python scripts/bench_data.py --passes 3
 """
 
-import argparse
 import json
 import os
 import sys
@@ -18,15 +17,17 @@ import sys
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.training.benchmark_data import format_data_table, run_data_benchmark  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="data/mini")
     parser.add_argument("--passes", type=int, default=3, help="passes over the 100 train-semi images")
     parser.add_argument("--crop-size", type=int, default=224)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = run_data_benchmark(args.data_dir, args.passes, args.crop_size)
     for line in format_data_table(result):
         print(line)
@@ -34,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

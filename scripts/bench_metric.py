@@ -8,7 +8,6 @@ computes per-class IoU; reported: seconds, peak Python-heap growth (tracemalloc)
 difference from the core's per-class IoU. One JSON line last.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -16,17 +15,19 @@ import sys
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.evaluation.benchmark import run_metric_benchmark  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--num-labels", type=int, default=920)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = run_metric_benchmark(args.images, args.height, args.width, args.num_labels, args.seed)
     for name, row in result["contenders"].items():
         print(
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,6 @@ is one JSON object. The logic lives in `imagenets_hf.model.benchmark`.
     python scripts/bench_model.py --device cuda --batch-size 32 --iters 20 --dtype bfloat16
 """
 
-import argparse
 import json
 import os
 import sys
@@ -19,11 +18,13 @@ import sys
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.model.benchmark import DEFAULT_MODELS, DTYPES, run_model_benchmark  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated timm encoder names")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
@@ -38,7 +39,7 @@ def main() -> None:
         help="autocast dtype; auto: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU",
     )
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 8192 CUDA, 2048 CPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     summary = run_model_benchmark(
         models=args.models.split(","),
         batch_size=args.batch_size,
@@ -55,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,21 +6,22 @@
 Exits 0 when the zip passes, 1 listing the problems otherwise.
 """
 
-import argparse
 import sys
 
+from imagenets_hf import cli
 from imagenets_hf.evaluation.submission import check_submission
 
 MAX_LISTED = 100
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("zip", help="the submission zip")
     parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder holding <split>/<wnid>/*.JPEG")
     parser.add_argument("--split", default="test")
     parser.add_argument("--num-classes", type=int, help="N (ids 0..N allowed); default: class folders in data-dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     problems = check_submission(args.zip, args.data_dir, split=args.split, num_classes=args.num_classes)
     if problems:
         print(f"{args.zip}: {len(problems)} problem(s)")

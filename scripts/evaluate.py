@@ -6,18 +6,19 @@ python scripts/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split validat
 accelerate launch --num_processes 2 scripts/evaluate.py ...   # same numbers, split across processes
 """
 
-import argparse
 import os
 import sys
 
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.evaluation.run import run_evaluation  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder (official layout)")
     parser.add_argument("--split", default="validation", choices=["validation", "train_semi"])
@@ -29,8 +30,10 @@ def main() -> None:
     parser.add_argument("--no-extended", action="store_true", help="mIoU family only (skip boundary/size/F/Acc)")
     parser.add_argument("--synset-words", help="LOC_synset_mapping.txt for class names")
     parser.add_argument("--cache-dir", help="datasets cache folder")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
+    args = parser.parse_args(argv)
+    if args.no_progress:
+        cli.disable_progress_bars()
     run_evaluation(
         args.model,
         args.data_dir,
@@ -48,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

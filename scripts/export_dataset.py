@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from imagenets_hf import cli
 from imagenets_hf.data.export import DEFAULT_MAX_SHARD_SIZE, export_imagenets, push_imagenets_to_hub
 from imagenets_hf.data.imagenets import SPLITS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--data-dir", required=True, help="prepared ImageNet-S folder (e.g. ImageNetS919, the mini set)"
     )
@@ -20,7 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--splits", nargs="+", choices=SPLITS, help="splits to export (default: train_semi validation test present)"
     )
     parser.add_argument("--subset", help="config name (default: detected from the folder: 50, 300, 919, mini, custom)")
-    parser.add_argument("--synset-words", help="ImageNet synset-words file (LOC_synset_mapping.txt) for class names")
+    parser.add_argument(
+        "--synset-words",
+        help="ImageNet synset-words file for class names (default: <data-dir>/LOC_synset_mapping.txt when present, "
+        "else the wnids)",
+    )
     parser.add_argument("--skip-bad", action="store_true", help="skip bad files (reported) instead of failing")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="parquet shard size (default 500MB)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also publish to this Hub dataset repo (private)")
@@ -30,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="with --push-to-hub: publish masks without the ImageNet images (train_semi and validation only)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (generating and writing shards)")
     args = parser.parse_args(argv)
     if args.out is None and args.push_to_hub is None:
         parser.error("give --out, --push-to-hub, or both")
@@ -38,9 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@cli.entry_point
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.no_progress:
+        cli.disable_progress_bars()
     if args.out is not None:
         counts = export_imagenets(
             args.data_dir,
@@ -70,4 +80,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

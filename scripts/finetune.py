@@ -12,14 +12,14 @@ scratch on CPU in a few minutes, evaluates it, prints the per-class IoU table an
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from imagenets_hf.training.finetune import finetune
-from imagenets_hf.training.recipes import add_recipe_arguments, load_recipe, overrides_from_args
+from imagenets_hf import cli
+from imagenets_hf.training.recipes import RecipeError, add_recipe_arguments, recipe_from_args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__)
     add_recipe_arguments(parser)
     parser.add_argument(
         "--resume",
@@ -27,7 +27,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const="latest",
         default=None,
         metavar="DIR|latest",
-        help="continue from a checkpoint folder, or the newest one under <output_dir>/checkpoints (default: latest)",
+        help="continue the run in --output-dir from its newest complete checkpoint (latest, the default) or from a "
+        "checkpoint folder; the recipe must be the one the run was started with (up to the iteration budget and the "
+        "logging, evaluation and checkpoint intervals)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --output-dir and start again (without it, or --resume, such a folder is "
+        "refused)",
+    )
+    parser.add_argument(
+        "--make-mini-dataset",
+        action="store_true",
+        help="write the synthetic mini dataset at --data-dir when that folder does not exist (the demo does so at its "
+        "own default folder, data/mini, without being asked)",
     )
     parser.add_argument(
         "--stop-after",
@@ -36,19 +50,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="stop (and checkpoint) after N iterations in total, keeping the full schedule; continue with --resume",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
-    return parser.parse_args(argv)
+    return parser
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    recipe = load_recipe(args.recipe, overrides_from_args(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        recipe = recipe_from_args(args)
+    except RecipeError as err:  # a recipe name, field or value on the command line that cannot be used
+        parser.error(str(err))
+    if args.no_progress:
+        cli.disable_progress_bars()
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return
-    finetune(recipe, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    from imagenets_hf.training.finetune import finetune  # here: --help and usage errors answer without torch
+
+    finetune(
+        recipe,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        make_mini_dataset=args.make_mini_dataset,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,24 +5,23 @@ python scripts/make_mini_dataset.py --out data/mini [--seed 0] [--overwrite]
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
+from imagenets_hf import cli
 from imagenets_hf.data.mini import count_mini_files, make_mini_dataset
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset root to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     parser.add_argument("--overwrite", action="store_true", help="replace a mini dataset already in --out")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    try:
-        root = make_mini_dataset(args.out, seed=args.seed, overwrite=args.overwrite)
-    except FileExistsError as err:
-        parser.error(f"{err} (--overwrite)")
+    root = make_mini_dataset(args.out, seed=args.seed, overwrite=args.overwrite)
     elapsed = time.perf_counter() - start
     for folder, count in count_mini_files(root).items():
         print(f"{folder:26s} {count:4d} files")
@@ -30,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,13 +5,15 @@ python scripts/predict.py --model DIR --images DATA/test --out PRED [--submissio
     --method-file method.txt] [--overlay]
 """
 
-import argparse
+import sys
 
+from imagenets_hf import cli
 from imagenets_hf.evaluation.run import run_prediction
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--images", required=True, help="folder of <wnid>/<name>.JPEG images")
     parser.add_argument("--out", required=True, help="where <wnid>/<name>.png predictions go")
@@ -23,8 +25,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (GPU)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
+    args = parser.parse_args(argv)
+    if args.no_progress:
+        cli.disable_progress_bars()
     run_prediction(
         args.model,
         args.images,
@@ -42,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imagenets_hf.data.lists import OFFICIAL_LISTS_URL, ListFileError
-from imagenets_hf.data.prepare import MissingFilesError, prepare_imagenets
+from imagenets_hf import cli
+from imagenets_hf.data.lists import OFFICIAL_LISTS_URL
+from imagenets_hf.data.prepare import prepare_imagenets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--imagenet", required=True, help="ImageNet-1k root with train/<wnid>/ and val/")
     parser.add_argument(
         "--annotations",
@@ -36,27 +37,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+@cli.entry_point
+def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        prepare_imagenets(
-            args.imagenet,
-            args.annotations,
-            args.subset,
-            args.out,
-            copy=args.copy,
-            lists_dir=args.lists,
-            cache_dir=args.lists_cache,
-            base_url=args.lists_url,
-            verify_checksums=not args.no_verify_lists,
-            include_train=not args.no_train,
-            classes=args.classes,
-            progress=not args.no_progress,
-        )
-    except (MissingFilesError, ListFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    prepare_imagenets(
+        args.imagenet,
+        args.annotations,
+        args.subset,
+        args.out,
+        copy=args.copy,
+        lists_dir=args.lists,
+        cache_dir=args.lists_cache,
+        base_url=args.lists_url,
+        verify_checksums=not args.no_verify_lists,
+        include_train=not args.no_train,
+        classes=args.classes,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import OFFICIAL_LISTS_DIR as LISTS
 from PIL import Image
 
 from imagenets_hf.data.imagenets import (
@@ -19,6 +18,7 @@ from imagenets_hf.data.imagenets import (
     load_imagenets,
     read_synset_words,
 )
+from imagenets_hf.data.lists import list_relpath
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
 from imagenets_hf.data.mini import MINI_NUM_CLASSES, MINI_WNIDS, SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
 
@@ -150,14 +150,13 @@ def test_detect_official_subsets(tmp_path):
     assert detect_subset(tmp_path / "other") == "custom"
 
 
-def test_class_order_matches_official_categories(tmp_path):
-    categories = LISTS / "categories" / "ImageNetS_categories_im50.txt"
-    if not categories.exists():
-        pytest.skip(f"official lists not found at {LISTS}")
-    official = categories.read_text().split()
-    _write_class_folders(tmp_path / "ImageNetS50", reversed(official))
+def test_class_order_matches_the_category_list(tmp_path, imagenets_lists):
+    # The official list where found, else the synthetic one (conftest.py): line i of the list is class id i.
+    categories = imagenets_lists.path / list_relpath("categories", "50")
+    listed = categories.read_text().split()
+    _write_class_folders(tmp_path / "ImageNetS50", reversed(listed))
     names = class_names(tmp_path / "ImageNetS50")
-    assert names[0] == "other" and names[1:] == official  # line i of the list is class id i
+    assert names[0] == "other" and names[1:] == listed
 
 
 def _copy_with_one_changed_mask(mini_root: Path, dest: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import datasets
@@ -13,9 +14,9 @@ from PIL import Image
 
 from imagenets_hf.data import export as export_module
 from imagenets_hf.data.export import build_imagenets_dataset_dict, export_imagenets
-from imagenets_hf.data.imagenets import load_imagenets
+from imagenets_hf.data.imagenets import default_synset_words, load_imagenets
 from imagenets_hf.data.masks import encode_mask
-from imagenets_hf.data.mini import SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
+from imagenets_hf.data.mini import MINI_WNIDS, SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,29 @@ def test_card_names_config_files_and_classes(exported):
     ]
 
 
+def _card_class_names(out: Path, config_name: str) -> list[str]:
+    card = _card_yaml(out)
+    info = card["dataset_info"]
+    info = next(entry for entry in info if entry["config_name"] == config_name) if isinstance(info, list) else info
+    label = next(feature for feature in info["features"] if feature["name"] == "label")
+    names = label["dtype"]["class_label"]["names"]
+    return [names[str(index)] for index in range(len(names))]
+
+
+def test_export_names_classes_from_the_folder_synset_words_by_default(mini_root, tmp_path):
+    # The mini folder holds LOC_synset_mapping.txt: used when no synset_words is given, as evaluation and training do.
+    assert default_synset_words(mini_root) == mini_root / SYNSET_FILE_NAME
+    export_imagenets(mini_root, tmp_path / "out", splits=["validation"])
+    assert _card_class_names(tmp_path / "out", "mini") == mini_class_names()
+    # Without the file, the wnids name the classes.
+    bare = tmp_path / "bare"
+    for folder in ("validation", "validation-segmentation"):
+        shutil.copytree(mini_root / folder, bare / folder)
+    assert default_synset_words(bare) is None
+    export_imagenets(bare, tmp_path / "bare_out", splits=["validation"])
+    assert _card_class_names(tmp_path / "bare_out", "mini") == ["other", *MINI_WNIDS]
+
+
 def _tiny_subset_folder(root: Path, num_classes: int) -> Path:
     """One 8x8 validation image + mask per class (enough for an official class count)."""
     rng = np.random.default_rng(0)
@@ -150,6 +174,7 @@ def test_push_to_hub_private_by_default_and_annotations_only(mini_root, cache_di
     full, repo_id, kwargs = calls[0]
     assert repo_id == "me/imagenets-mini" and kwargs["config_name"] == "mini" and kwargs["private"] is True
     assert set(full) == {"train_semi", "validation", "test"}
+    assert full["validation"].features["label"].names == mini_class_names()  # the folder's LOC_synset_mapping.txt
     assert full["validation"].column_names == ["image", "annotation", "image_id", "label"]
 
     masks, repo_id, kwargs = calls[1]

@@ -15,6 +15,7 @@ from imagenets_hf.evaluation.submission import (
     check_submission,
     default_method_text,
     make_submission,
+    method_placeholder_problems,
     method_problems,
 )
 
@@ -25,6 +26,35 @@ TEST_IMAGES = {
     "n01000002/ILSVRC2012_val_00000002": (25, 20),
     "n01000003/ILSVRC2012_val_00000003": (16, 16),
 }
+
+
+FILLED_METHOD = {
+    "Method name": "ViT-S/16 FCN, SERE pre-training",
+    "Training data": "ImageNet-S919 train-semi",
+    "Training scheme": "semi-supervised fine-tuning",
+    "Networks": "ViT-S/16 + FCN head",
+    "Paper/Project link": "https://example.org/paper",
+    "Method description": "Fine-tuned with the published recipe; a method to do segmentation.",  # "to do" is prose
+}
+# The template's two placeholder fields, as the checker reports them.
+TEMPLATE_PROBLEMS = [
+    "method.txt: 'Paper/Project link:' still reads the template's placeholder ('TODO'): fill it in",
+    "method.txt: 'Method description:' still reads the template's placeholder ('TODO: describe the method'): "
+    "fill it in",
+]
+
+
+def write_method_file(path, values=FILLED_METHOD):
+    path.write_text("\n".join(f"{field}: {values[field]}" for field in METHOD_FIELDS) + "\n")
+    return path
+
+
+def run_checker(zip_path, data_dir):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_submission.py"), str(zip_path), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -48,20 +78,34 @@ def write_predictions(folder, sizes=None, ids=None):
 
 def test_good_submission_passes_and_has_the_official_layout(data_dir, tmp_path):
     write_predictions(tmp_path / "pred")
-    with pytest.warns(UserWarning, match="template"):
-        zip_path = make_submission(tmp_path / "pred", tmp_path / "submission.zip")
+    zip_path = make_submission(tmp_path / "pred", tmp_path / "submission.zip", write_method_file(tmp_path / "m.txt"))
     with zipfile.ZipFile(zip_path) as archive:
         names = sorted(archive.namelist())
         method = archive.read("method.txt").decode()
     assert names == sorted([f"{stem}.png" for stem in TEST_IMAGES] + ["method.txt"])
     assert [line.split(":")[0] for line in method.splitlines()] == list(METHOD_FIELDS)
     assert check_submission(zip_path, data_dir) == []
-    script = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_submission.py"), str(zip_path), "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-    )
+    script = run_checker(zip_path, data_dir)
     assert script.returncode == 0 and "OK" in script.stdout
+
+
+def test_template_method_file_fails_the_checker_until_filled_in(data_dir, tmp_path):
+    write_predictions(tmp_path / "pred")
+    with pytest.warns(UserWarning, match="template"):
+        zip_path = make_submission(tmp_path / "pred", tmp_path / "submission.zip")
+    with zipfile.ZipFile(zip_path) as archive:
+        assert [line.split(":")[0] for line in archive.read("method.txt").decode().splitlines()] == list(METHOD_FIELDS)
+    assert check_submission(zip_path, data_dir) == TEMPLATE_PROBLEMS
+    script = run_checker(zip_path, data_dir)
+    assert script.returncode == 1 and "2 problem(s)" in script.stdout
+    assert all(problem in script.stdout for problem in TEMPLATE_PROBLEMS)
+    # A given method file still holding a placeholder: the zip is written, with a warning naming the field.
+    half_filled = write_method_file(tmp_path / "method.txt", {**FILLED_METHOD, "Networks": "ViT-S/16, TODO head"})
+    with pytest.warns(UserWarning, match="'Networks:' still reads the template's placeholder"):
+        zip_path = make_submission(tmp_path / "pred", tmp_path / "half.zip", method_file=half_filled)
+    assert check_submission(zip_path, data_dir) == [
+        "method.txt: 'Networks:' still reads the template's placeholder ('ViT-S/16, TODO head'): fill it in"
+    ]
 
 
 def test_checker_catches_missing_file_wrong_size_and_ids_out_of_range(data_dir, tmp_path):
@@ -69,24 +113,22 @@ def test_checker_catches_missing_file_wrong_size_and_ids_out_of_range(data_dir, 
     sizes = {stems[0]: (30, 41), stems[1]: TEST_IMAGES[stems[1]]}  # wrong width, and stems[2] missing
     write_predictions(tmp_path / "pred", sizes=sizes)
     encode_mask(np.full(TEST_IMAGES[stems[1]], NUM_CLASSES + 1)).save(tmp_path / "pred" / f"{stems[1]}.png")
-    method = tmp_path / "method.txt"
-    method.write_text(default_method_text())
+    method = write_method_file(tmp_path / "method.txt")
     zip_path = make_submission(tmp_path / "pred", tmp_path / "bad.zip", method_file=method)
     problems = check_submission(zip_path, data_dir)
     assert len(problems) == 3, problems
     assert any(stems[2] in p and "missing" in p for p in problems)
     assert any(stems[0] in p and "size 41x30" in p for p in problems)
     assert any(stems[1] in p and "out of range 0..3: [4]" in p for p in problems)
-    script = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_submission.py"), str(zip_path), "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-    )
+    script = run_checker(zip_path, data_dir)
     assert script.returncode == 1 and "3 problem(s)" in script.stdout
 
 
 def test_method_file_fields_are_checked(tmp_path):
-    assert method_problems(default_method_text()) == []
+    assert method_problems(default_method_text()) == []  # every field there and non-empty...
+    assert method_placeholder_problems(default_method_text()) == TEMPLATE_PROBLEMS  # ...two still placeholders
+    filled = write_method_file(tmp_path / "filled.txt").read_text()
+    assert method_problems(filled) == [] and method_placeholder_problems(filled) == []
     lines = default_method_text().splitlines()
     text = "\n".join([line for line in lines if not line.startswith("Networks")][:-1] + ["Method description:"])
     problems = method_problems(text)
@@ -141,4 +183,5 @@ def test_mini_test_split_submission_passes_the_checker(tmp_path):
     )
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert "template method.txt" in predict.stderr
-    assert check_submission(tmp_path / "submission.zip", root) == []
+    # Everything passes but the template's placeholders, which the user fills in before submitting.
+    assert check_submission(tmp_path / "submission.zip", root) == TEMPLATE_PROBLEMS

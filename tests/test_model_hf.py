@@ -60,6 +60,8 @@ def test_save_load_round_trip_gives_identical_outputs(saved_model):
     folder, _, pixel_values, logits = saved_model
     reloaded = ViTFCNForSemanticSegmentation.from_pretrained(folder).eval()
     with torch.no_grad():
+        # float32 weights round-trip exactly; the same forward on the same input in the same process (the module's
+        # fixture, same thread count): bitwise
         assert torch.equal(reloaded(pixel_values).logits, logits)
     assert reloaded.config.id2label == dict(enumerate(CLASS_NAMES))
     assert reloaded.config.label2id["shark"] == 2
@@ -90,7 +92,7 @@ def test_auto_classes_load_the_registered_classes(saved_model):
     model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=False).eval()
     assert type(model) is ViTFCNForSemanticSegmentation
     with torch.no_grad():
-        assert torch.equal(model(pixel_values).logits, logits)
+        assert torch.equal(model(pixel_values).logits, logits)  # as in the round trip above: bitwise
     assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)) is ViTFCNImageProcessor
     # built from a config, as the training loop may do
     assert type(AutoModelForSemanticSegmentation.from_config(config)) is ViTFCNForSemanticSegmentation
@@ -104,7 +106,7 @@ def test_half_precision_checkpoint_loads_in_float32(tmp_path, dtype):
     for loader in (ViTFCNForSemanticSegmentation, AutoModelForSemanticSegmentation):
         reloaded = loader.from_pretrained(tmp_path)
         assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
-        # the half-precision values, upcast exactly
+        # the half-precision values, upcast exactly (a dtype conversion, no arithmetic)
         assert torch.equal(reloaded.encoder.pos_embed, model.encoder.pos_embed.float())
     assert next(ViTFCNForSemanticSegmentation.from_pretrained(tmp_path, dtype=dtype).parameters()).dtype == dtype
 
@@ -184,6 +186,7 @@ def test_push_to_hub_uploads_weights_config_and_code(monkeypatch, tmp_path):
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(uploaded, trust_remote_code=False).eval()
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
+        # the uploaded float32 weights, the same forward in the same process: bitwise
         assert torch.equal(reloaded(pixel_values).logits, model(pixel_values).logits)
 
 
@@ -216,6 +219,8 @@ def test_processor_normalises_with_imagenet_mean_and_std():
     pixel_values = processor(Image.fromarray(image), return_tensors="pt")["pixel_values"][0]
     expected = [(1.0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (0.0 - 0.406) / 0.225]
     for channel in range(3):
+        # float32 against float64 constants of ~2: measured 1 ulp (1.2e-7); a wrong mean, std or 0-255 scale is off
+        # by >= 0.1
         assert torch.allclose(pixel_values[channel], torch.tensor(expected[channel]), atol=1e-5)
 
 
@@ -232,7 +237,7 @@ def test_processor_resizes_masks_nearest_without_inventing_ids():
     # RGB-encoded ImageNet-S masks (id = R + 256 * G) decode to the same ids
     rgb = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], axis=-1).astype(np.uint8)
     labels_rgb = processor(image, segmentation_maps=Image.fromarray(rgb), return_tensors="pt")["labels"]
-    assert torch.equal(labels_rgb, labels)
+    assert torch.equal(labels_rgb, labels)  # integer ids
 
 
 def test_processor_refuses_mixed_sizes_unless_padding():
@@ -256,6 +261,8 @@ def test_post_processing_resizes_logits_bilinearly_then_argmaxes():
     results = processor.post_process_semantic_segmentation(outputs, target_sizes=[(480, 640), (100, 90)])
     for result, image_logits, size in zip(results, logits, [(480, 640), (100, 90)]):
         expected = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+        # the processor and the test run the same interpolation on the same logits in the same process: the same
+        # floats, so the same argmax (integers)
         assert result.shape == size and torch.equal(result, expected)
     no_resize = processor.post_process_semantic_segmentation(outputs)
     assert torch.equal(no_resize[0], logits[0].argmax(0))
@@ -274,7 +281,7 @@ def test_post_processing_of_a_large_image_goes_through_long_side_1000():
     working = F.interpolate(logits, size=(1000, 833), mode="bilinear", align_corners=False).argmax(1)
     rows = (np.arange(1200) * 1000 / 1200).astype(int)
     cols = (np.arange(1000) * 833 / 1000).astype(int)
-    assert torch.equal(result, working[0][rows][:, cols])
+    assert torch.equal(result, working[0][rows][:, cols])  # same ops on the same logits, as above: exact
     direct = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)[0]
     assert not torch.equal(result, direct)  # the protocol is not the same as a direct resize
 
@@ -308,4 +315,5 @@ def test_image_segmentation_pipeline_returns_labelled_masks(saved_model):
     for annotation, class_id in zip(annotations, present):
         mask = np.asarray(annotation["mask"])
         assert mask.shape == (70, 100)
+        # the pipeline runs the same weights, processor and forward on one image in this process: the same argmax
         assert np.array_equal(mask == 255, expected == class_id)

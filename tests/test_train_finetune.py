@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from imagenets_hf.data.mini import ensure_mini_dataset
-from imagenets_hf.training.finetune import latest_checkpoint
+from imagenets_hf.training.checkpoints import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
@@ -65,7 +65,9 @@ def test_stop_then_resume_gives_the_same_weights(mini_dir, tmp_path):
     assert "Stopped after 3 iterations" in stopped.stdout
     assert not (resumed / "model.safetensors").exists()
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint_2", "checkpoint_3"]
-    assert latest_checkpoint(resumed) == resumed / "checkpoints" / "checkpoint_3"  # what --resume latest picks
+    assert (
+        newest_complete_checkpoint(resumed).path == resumed / "checkpoints" / "checkpoint_3"
+    )  # what --resume latest picks
     checkpoint_2 = str(resumed / "checkpoints" / "checkpoint_2")
     second = run_finetune([*common, "--output-dir", str(resumed), "--resume", checkpoint_2])
     assert "Resumed from" in second.stdout and "at iteration 2" in second.stdout

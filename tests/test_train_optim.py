@@ -49,13 +49,14 @@ def test_layer_scales_and_weight_decay(twelve_layer_model):
         "decode_head.conv_seg.weight": (1.0, 0.05),
         "decode_head.conv_seg.bias": (1.0, 0.0),
     }
+    # Python float64 powers and products, the same on any machine to ~1e-16; one layer off changes a scale by 40 %.
     for name, (scale, weight_decay) in expected.items():
         assert name in by_param, name
         assert by_param[name]["lr_scale"] == pytest.approx(scale, rel=1e-12), name
         assert by_param[name]["lr"] == pytest.approx(lr * scale, rel=1e-12), name
         assert by_param[name]["weight_decay"] == weight_decay, name
     # Every block i gets decay^(12 - i); every trainable parameter is in exactly one group.
-    for i in range(12):
+    for i in range(12):  # default rel 1e-6: float64 powers, as above
         assert by_param[f"encoder.blocks.{i}.attn.proj.weight"]["lr_scale"] == pytest.approx(decay ** (12 - i))
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in twelve_layer_model.parameters())
     # BatchNorm weights of the head are 1-D: no decay.
@@ -76,6 +77,7 @@ def test_optimizer_is_adamw_with_published_betas(twelve_layer_model):
     optimizer = build_optimizer(twelve_layer_model, lr=1e-4, weight_decay=0.05, layer_decay=0.4)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert all(g["betas"] == (0.9, 0.999) for g in optimizer.param_groups)
+    # float64 products (default rel 1e-6); a missing layer or decay step changes them by >= 60 %
     assert max(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-4)
     assert min(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-4 * 0.4**13)
 
@@ -96,6 +98,8 @@ HAND_COMPUTED = {
 @pytest.mark.parametrize("iteration", sorted(HAND_COMPUTED))
 def test_schedule_formula_at_chosen_iterations(iteration):
     value = warmup_cosine_lr(iteration, 5e-4, max_iters=3600, warmup_iters=180, warmup_ratio=1e-6, min_lr=1e-6)
+    # float64 arithmetic and libm's cos (a few ulps apart between platforms) against the formula: ~1e-15 relative;
+    # an iteration off by one moves the lr by >= 9e-5 relative (3599 against 3600)
     assert value == pytest.approx(HAND_COMPUTED[iteration], rel=1e-9)
 
 
@@ -110,7 +114,7 @@ def test_scheduler_steps_per_group_with_absolute_min_lr():
         seen[iteration] = [g["lr"] for g in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
-    for iteration, expected in HAND_COMPUTED.items():
+    for iteration, expected in HAND_COMPUTED.items():  # as in test_schedule_formula_at_chosen_iterations
         assert seen[iteration][0] == pytest.approx(expected, rel=1e-9)
     low = base[1]
     expected_low_180 = 1e-6 + (low - 1e-6) * (1 + math.cos(math.pi * 180 / 3600)) / 2
@@ -126,6 +130,7 @@ def test_scheduler_steps_per_group_with_absolute_min_lr():
         ref_sched.step()
     resumed.load_state_dict(ref_sched.state_dict())
     fresh.load_state_dict(reference.state_dict())
+    # the same float64 computation at the same iteration: equal but for the last bits
     assert [g["lr"] for g in fresh.param_groups] == pytest.approx(seen[250], rel=1e-12)
 
 

@@ -80,7 +80,7 @@ def test_overrides_are_typed_and_validated():
         load_recipe("demo", {"learning_rate": 1e-4})
     with pytest.raises(ValueError, match="'max_iters' expects"):
         load_recipe("demo", {"max_iters": "many"})
-    with pytest.raises(ValueError, match="'pipeline'"):
+    with pytest.raises(ValueError, match="pipeline .*must be one of mmseg, imagenetsegmodel"):
         load_recipe("demo", {"pipeline": "mine"})
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_recipe("nope")

@@ -29,7 +29,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from imagenets_hf.data.checks import ImageNetSDataError, annotation_png_bytes, check_image_bytes, read_mask_ids
 from imagenets_hf.data.masks import OTHER_NAME, SUBSET_NUM_CLASSES, SUBSETS
-from imagenets_hf.data.mini import MINI_NUM_CLASSES
+from imagenets_hf.data.mini import MINI_NUM_CLASSES, SYNSET_FILE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,13 @@ def read_synset_words(path: str | os.PathLike) -> dict[str, str]:
                 )
             names[parts[0]] = parts[1].strip()
     return names
+
+
+def default_synset_words(data_dir: str | os.PathLike) -> Path | None:
+    """``<data_dir>/LOC_synset_mapping.txt`` when that file is there, else None: the synset-words file that training,
+    evaluation and the export use to name the classes when none is given (the mini dataset writes one)."""
+    path = Path(data_dir) / SYNSET_FILE_NAME
+    return path if path.is_file() else None
 
 
 def class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:

@@ -393,7 +393,8 @@ def make_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool
     present = [p for p in owned if p.exists()]
     if present and not overwrite:
         raise FileExistsError(
-            f"{root}: already holds {present[0].name}; pass overwrite=True to rewrite the mini dataset"
+            f"{root} already holds {present[0].name}: pass overwrite=True (--overwrite) to delete the mini dataset's "
+            "folders there and write it again, or choose another folder"
         )
     for path in present:  # the marker first, so an interrupted rewrite never looks complete
         if path.is_dir():

@@ -290,7 +290,7 @@ def find_annotation_sources(annotations: str | os.PathLike | Iterable[str | os.P
                     f"{path}: no annotations (expected validation-segmentation/, ImageNetS{{N}}/ folders or zips)"
                 )
         else:
-            raise FileNotFoundError(f"{path}: annotation archive or folder not found")
+            raise FileNotFoundError(f"no such annotation archive or folder: {path}")
     return sources
 
 
@@ -314,6 +314,8 @@ def _pick_source(sources: list[AnnotationSource], subset: str, single_subset: bo
 
 
 def _imagenet_folders(imagenet_dir: Path) -> tuple[Path, Path]:
+    if not imagenet_dir.is_dir():
+        raise FileNotFoundError(f"no such ImageNet folder: {imagenet_dir} (the ImageNet-1k root with train/ and val/)")
     for base in (imagenet_dir, imagenet_dir / "ILSVRC" / "Data" / "CLS-LOC"):  # plain, or the Kaggle layout
         if (base / "train").is_dir() and (base / "val").is_dir():
             return base / "train", base / "val"

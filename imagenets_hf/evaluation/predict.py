@@ -29,7 +29,7 @@ def list_images(images_dir: str | os.PathLike) -> list[str]:
     """Image paths relative to `images_dir` ("wnid/name.JPEG", or "name.JPEG" at the top), sorted."""
     root = Path(images_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such image folder")
+        raise FileNotFoundError(f"no such image folder: {root}")
     found = [
         path.relative_to(root).as_posix()
         for path in root.rglob("*")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from imagenets_hf.data.mini import SYNSET_FILE_NAME
 
 
 def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torch.device | str | None = None):
@@ -18,7 +17,11 @@ def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torc
     from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
 
     name = os.fspath(model_name_or_path)
-    model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
+    check_model_location(name)
+    try:
+        model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
+    except OSError as err:  # transformers' message does not say which model it was loading
+        raise OSError(f"{name}: cannot load the model: {' '.join(str(err).split())}") from err
     try:
         processor = ViTFCNImageProcessor.from_pretrained(name)
     except OSError:
@@ -29,12 +32,33 @@ def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torc
     return model.eval(), processor
 
 
+def check_model_location(name: str) -> None:
+    """Refuse a model that is neither a saved model folder nor an `owner/name` Hub id before transformers looks it
+    up on the Hub (a mistyped local folder would otherwise end in a network error)."""
+    from imagenets_hf.model.convert import looks_like_hub_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name}: not a saved model folder (no config.json); give the folder that finetune.py or "
+                "convert_checkpoint.py wrote"
+            )
+    elif path.exists():
+        raise NotADirectoryError(
+            f"{name}: a file, not a model folder; give the folder holding config.json and the weights "
+            "(convert_checkpoint.py makes one from a checkpoint file)"
+        )
+    elif not looks_like_hub_repo_id(name):
+        raise FileNotFoundError(f"no such model folder: {name}")
+
+
 def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:
     """Class names ("other" first), using `<data_dir>/LOC_synset_mapping.txt` when no synset file is given."""
-    from imagenets_hf.data.imagenets import class_names
+    from imagenets_hf.data.imagenets import class_names, default_synset_words
 
-    if synset_words is None and (Path(data_dir) / SYNSET_FILE_NAME).is_file():
-        synset_words = Path(data_dir) / SYNSET_FILE_NAME
+    if synset_words is None:
+        synset_words = default_synset_words(data_dir)
     return class_names(data_dir, synset_words=synset_words)
 
 
@@ -54,6 +78,14 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Evaluate a saved model on a split by the official protocol; print the per-class table and summary, write the
     JSON and the chart (main process only). Runs under `accelerate launch` as well (exact across processes)."""
+    # The inputs first: a wrong folder is said before anything heavy is imported or loaded.
+    names = dataset_class_names(data_dir, synset_words)
+    check_model_location(os.fspath(model_name_or_path))
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(
+            "the per-class IoU chart needs matplotlib: pip install matplotlib (or leave --plot out)"
+        )
+
     from accelerate import Accelerator
 
     from imagenets_hf.data.imagenets import load_imagenets
@@ -64,7 +96,6 @@ def run_evaluation(
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
         dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
-    names = dataset_class_names(data_dir, synset_words)
     if len(names) != model.config.num_labels:
         raise ValueError(
             f"{model_name_or_path}: the model predicts {model.config.num_labels} labels but {data_dir} has "
@@ -114,9 +145,16 @@ def run_prediction(
 ) -> dict[str, Any]:
     """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
     `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip."""
+    from imagenets_hf.evaluation.predict import list_images, predict_folder
+
+    # The inputs first: a wrong folder or file is said before anything heavy is imported, loaded or predicted.
+    list_images(images_dir)
+    check_model_location(os.fspath(model_name_or_path))
+    if submission is not None and method_file is not None and not Path(method_file).is_file():
+        raise FileNotFoundError(f"no such method file: {method_file}")
+
     from accelerate import Accelerator
 
-    from imagenets_hf.evaluation.predict import predict_folder
     from imagenets_hf.evaluation.submission import make_submission
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes need cpu=True

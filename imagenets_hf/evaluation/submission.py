@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,13 +29,15 @@ METHOD_FIELDS = (
     "Paper/Project link",
     "Method description",
 )
+# The template's mark for a value the user must write (case-sensitive, as a word).
+PLACEHOLDER = "TODO"
 DEFAULT_METHOD_VALUES = {
     "Method name": "imagenets-hf ViT-FCN",
     "Training data": "ImageNet-S train-semi (10 labelled images per class)",
     "Training scheme": "semi-supervised fine-tuning of a self-supervised pre-trained ViT",
     "Networks": "ViT encoder + FCN head",
-    "Paper/Project link": "TODO",
-    "Method description": "TODO: describe the method",
+    "Paper/Project link": PLACEHOLDER,
+    "Method description": f"{PLACEHOLDER}: describe the method",
 }
 
 
@@ -65,6 +68,19 @@ def method_problems(text: str) -> list[str]:
     return problems
 
 
+def method_placeholder_problems(text: str) -> list[str]:
+    """Fields of a method.txt still holding the template's placeholder (a ``TODO``).
+
+    Only placeholders count: the template's other values describe what this project trains and may be kept.
+    """
+    values = parse_method_text(text)
+    return [
+        f"{METHOD_FILE_NAME}: '{field}:' still reads the template's placeholder ({values[field]!r}): fill it in"
+        for field in METHOD_FIELDS
+        if re.search(rf"\b{PLACEHOLDER}\b", values.get(field, ""))
+    ]
+
+
 def make_submission(
     predictions_dir: str | os.PathLike,
     zip_path: str | os.PathLike,
@@ -73,7 +89,7 @@ def make_submission(
     """Zip `<wnid>/<name>.png` predictions (as written by `predict_folder`) with a method.txt at the root.
 
     Without `method_file` a template is written and a warning says to fill it in; a given file missing a field
-    raises.
+    raises, and one still holding a template placeholder warns (the zip is written; `check_submission` fails it).
     """
     predictions_root = Path(predictions_dir)
     masks = sorted(p for p in predictions_root.rglob("*.png") if p.is_file())
@@ -91,6 +107,9 @@ def make_submission(
         problems = method_problems(method_text)
         if problems:
             raise ValueError(f"{method_file}: " + "; ".join(problems))
+        placeholders = method_placeholder_problems(method_text)
+        if placeholders:
+            warnings.warn(f"{method_file}: " + "; ".join(placeholders), stacklevel=2)
     zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -110,23 +129,28 @@ def check_submission(
     """Problems of a submission zip against `<data_dir>/<split>` (empty list: it passes).
 
     Checks: one `<wnid>/<name>.png` per image (nothing missing, nothing extra), each an RGB PNG at its image's size
-    with B = 0 and ids in 0..N (N = number of classes), and method.txt with every field filled in.
+    with B = 0 and ids in 0..N (N = number of classes), and method.txt with every field filled in (none empty,
+    none still reading the template's TODO placeholder). A missing zip raises FileNotFoundError, a file that is not a
+    zip ValueError.
     """
     from imagenets_hf.data.imagenets import list_classes
 
     zip_path, images_root = Path(zip_path), Path(data_dir) / split
-    num_classes = len(list_classes(data_dir)) if num_classes is None else num_classes
-    problems: list[str] = []
+    if not zip_path.is_file():  # nothing to check: an error, not a problem of the submission
+        raise FileNotFoundError(f"no such submission zip: {zip_path}")
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (OSError, zipfile.BadZipFile) as err:
-        return [f"{zip_path}: not a readable zip file ({err})"]
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{zip_path}: not a zip file ({err}); give the zip predict.py --submission wrote") from err
+    problems: list[str] = []
     with archive:
+        num_classes = len(list_classes(data_dir)) if num_classes is None else num_classes
         names = {name for name in archive.namelist() if not name.endswith("/")}
         if METHOD_FILE_NAME not in names:
             problems.append(f"{METHOD_FILE_NAME}: missing at the zip's root")
         else:
-            problems += method_problems(archive.read(METHOD_FILE_NAME).decode("utf-8", errors="replace"))
+            method_text = archive.read(METHOD_FILE_NAME).decode("utf-8", errors="replace")
+            problems += method_problems(method_text) + method_placeholder_problems(method_text)
         expected = {prediction_path(relative): relative for relative in list_images(images_root)}
         problems += [
             f"{name}: missing prediction for {split}/{expected[name]}" for name in sorted(set(expected) - names)

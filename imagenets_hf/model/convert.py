@@ -27,6 +27,8 @@ from .pos_embed import resample_pos_embed
 # papers report, so `teacher` wins over `student` when a file holds both. MAE and ImageNetSegModel use `model`,
 # timm and mmsegmentation `state_dict`.
 CONTAINER_KEYS = ("teacher", "model", "state_dict", "module", "student")
+# A Hub repository id: `owner/name` (transformers and timm repositories are always namespaced).
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 
 # Wrappers around the backbone: DDP (`module.`), DINO/iBOT's MultiCropWrapper and mmseg segmentors (`backbone.`),
 # transformers task models (`vit.`), this project's own segmentation model (`encoder.`).
@@ -100,6 +102,24 @@ class EncoderLoadReport:
 # Pure conversion
 
 
+class CheckpointKeyError(KeyError, ValueError):
+    """`key` names no sub-dict of the checkpoint. A KeyError for callers that catch one, and a ValueError: a user
+    error with a readable message (KeyError's own str() quotes it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointTypeError(TypeError, ValueError):
+    """The checkpoint holds something other than a dict of tensors where weights were expected."""
+
+
+def looks_like_hub_repo_id(text: str) -> bool:
+    """Whether `text` names a Hub repository rather than a local path: `owner/name` with no leading `.`, `~` or `/`
+    and no local folder called `owner` (so a mistyped `outputs/demoo` is a missing folder, not a Hub id)."""
+    return bool(HUB_REPO_ID.fullmatch(text)) and not Path(text.split("/")[0]).exists()
+
+
 def _is_tensor_dict(value: Any) -> bool:
     return isinstance(value, dict) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value.values())
 
@@ -118,11 +138,11 @@ def _unwrap(checkpoint: dict, key: str | None, source: str) -> tuple[dict, list[
         taken.append(chosen)
         current = current[chosen]
     if key is not None and key not in taken:
-        raise KeyError(
+        raise CheckpointKeyError(
             f"{source}: no sub-dict {key!r} in the checkpoint; available keys: {sorted(map(str, checkpoint))[:20]}"
         )
     if not isinstance(current, dict):
-        raise TypeError(f"{source}: expected a dict of tensors, found {type(current).__name__}")
+        raise CheckpointTypeError(f"{source}: expected a dict of tensors, found {type(current).__name__}")
     dropped = [str(k) for k, v in current.items() if not isinstance(v, torch.Tensor)]
     tensors = {str(k): v for k, v in current.items() if isinstance(v, torch.Tensor)}
     if not tensors:
@@ -232,7 +252,7 @@ def convert_state_dict(checkpoint: dict, key: str | None = None, source: str = "
     `[<key>/]<format>[+fc_norm]`, e.g. `model/timm+fc_norm` for a fine-tuned MAE file.
     """
     if not isinstance(checkpoint, dict):
-        raise TypeError(f"{source}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+        raise CheckpointTypeError(f"{source}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     tensors, taken, ignored = _unwrap(checkpoint, key, source)
     tensors, wrapper_ignored = _strip_wrappers(tensors)
     ignored += wrapper_ignored
@@ -335,9 +355,14 @@ def load_checkpoint(path_or_hub_id: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.hub.load_state_dict_from_url(text, map_location="cpu", weights_only=True)
     repo_id = text.removeprefix("hf-hub:").removeprefix("hf_hub:")
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id) and path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+    explicit = repo_id != text  # an hf-hub: prefix says Hub even where a local folder shares the owner's name
+    is_repo_id = HUB_REPO_ID.fullmatch(repo_id) if explicit else looks_like_hub_repo_id(repo_id)
+    if is_repo_id and path.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         return _load_hub(repo_id)
-    raise FileNotFoundError(f"{text}: no such file or folder, and not a URL or a Hub repository id")
+    raise FileNotFoundError(
+        f"no such file or folder: {text} (a checkpoint is a file, a folder, an http(s) URL or an owner/name Hub "
+        "repository id)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

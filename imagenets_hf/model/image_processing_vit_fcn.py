@@ -49,24 +49,55 @@ def _to_rgb_pil(image) -> Image.Image:
     return to_pil_image(array).convert("RGB")
 
 
-def _to_label_array(segmentation_map) -> np.ndarray:
-    """Class ids (int64, HxW) from a single-channel image/array, or from an RGB ImageNet-S mask (id = R + 256 * G)."""
-    if isinstance(segmentation_map, Image.Image):
-        if segmentation_map.mode == "RGB":
-            rgb = np.asarray(segmentation_map).astype(np.int64)
-            return rgb[..., 0] + 256 * rgb[..., 1]
-        if segmentation_map.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
-            raise ValueError(f"segmentation map of PIL mode {segmentation_map.mode!r}: expected ids or an RGB mask")
-        return np.asarray(segmentation_map).astype(np.int64)
-    if isinstance(segmentation_map, torch.Tensor):
-        segmentation_map = segmentation_map.detach().cpu().numpy()
-    array = np.asarray(segmentation_map)
-    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-        array = array.squeeze(0 if array.shape[0] == 1 else -1)
+def _to_label_array(mask) -> np.ndarray:
+    """Class ids (int64, HxW) of a segmentation map: a copy of `imagenets_hf.data.masks.mask_to_ids`, the project's
+    one mask rule (this file must stand alone; tests/test_data_mask_decoding.py holds the copies equal). RGB / RGBA
+    (opaque) images and HxWx3 / HxWx4 arrays: id = R + 256 * G; L / I / I;16 images and HxW integer arrays: ids as
+    they are; palette images, float arrays and anything else: ValueError."""
+    if hasattr(mask, "getbands"):  # a PIL image, recognised without importing PIL (the copies stand alone)
+        if mask.mode == "P":
+            raise ValueError(
+                "palette image (PIL mode 'P'): its values are palette indices, not class ids; save the mask as RGB "
+                "(ImageNet-S encoding, id = R + 256 * G) or as 8/16-bit single-channel ids"
+            )
+        if mask.mode not in ("RGB", "RGBA", "L", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+            raise ValueError(
+                f"PIL mode {mask.mode!r} is not a mask: expected RGB or RGBA (id = R + 256 * G) or single-channel "
+                "ids (L, I, I;16)"
+            )
+        array = np.asarray(mask)
+    elif hasattr(mask, "detach"):  # a torch tensor, recognised without importing torch
+        array = mask.detach().cpu().numpy()
+    else:
+        array = np.asarray(mask)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    elif array.ndim == 3 and array.shape[0] == 1:
+        if array.shape[-1] in (3, 4):  # 1xHxW ids of width 3 or 4, or a 1-pixel-high colour mask: no safe guess
+            raise ValueError(f"ambiguous mask shape {array.shape}: pass HxW ids or HxWx3 RGB")
+        array = array[0]
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        channels = "RGB" if array.shape[-1] == 3 else "RGBA"
+        if array.dtype.kind not in "iu":
+            raise ValueError(
+                f"an HxWx{array.shape[-1]} {channels} mask holds integer channels, got dtype {array.dtype}"
+            )
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(
+                f"an HxWx{array.shape[-1]} {channels} mask holds 8-bit channels (0..255), got values "
+                f"{array.min()}..{array.max()}"
+            )
+        if channels == "RGBA" and (array[..., 3] != 255).any():
+            raise ValueError(
+                f"RGBA mask with {int((array[..., 3] != 255).sum())} transparent pixel(s) (alpha < 255): they have "
+                "no class id; save the mask as RGB (id = R + 256 * G)"
+            )
+        # Widen before multiplying: uint8 * 256 overflows (NumPy 2 raises).
+        return array[..., 0].astype(np.int64) + 256 * array[..., 1].astype(np.int64)
     if array.ndim != 2:
-        raise ValueError(f"a segmentation map must be HxW class ids, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"a segmentation map must hold integer class ids, got dtype {array.dtype}")
+        raise ValueError(f"a mask is HxW class ids, HxWx3 RGB or HxWx4 RGBA; got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"class ids must be integers, got dtype {array.dtype}")
     return array.astype(np.int64)
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,18 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_transform_from_recipe
+from imagenets_hf.training.checkpoints import (
+    checkpoint_problem,
+    checkpoints_dir,
+    newest_complete_checkpoint,
+    save_checkpoint,
+)
 from imagenets_hf.training.data import build_train_dataloader
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
-from imagenets_hf.training.recipes import Recipe
+from imagenets_hf.training.recipes import Recipe, load_recipe
+from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
 
-DEMO_DATA_DIR = "data/mini"
-RECIPE_FILE_NAME = "recipe.yaml"
 RESULTS_FILE_NAME = "results.json"
-SYNSET_WORDS_FILE_NAME = "LOC_synset_mapping.txt"  # ImageNet's synset-words file, used for class names when present
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,48 +55,42 @@ class TrainingProgress:
         self.iteration = int(state["iteration"])
 
 
-def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    """Where `save_state` writes `checkpoint_<iteration>` folders."""
-    return Path(output_dir) / "checkpoints"
+def prepare_data(
+    recipe: Recipe, accelerator: Accelerator | None = None, make_mini_dataset: bool = False
+) -> tuple[Any, Any, list[str]]:
+    """(train_semi rows, validation rows, class names) of `recipe.data_dir`. The synthetic mini dataset is made there
+    only when asked (`make_mini_dataset`) or at the demo recipe's own default folder; any other missing folder is an
+    error. The main process builds the Arrow cache, the others then read it."""
+    from imagenets_hf.data.imagenets import class_names, default_synset_words, load_imagenets
 
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder with the highest iteration under `output_dir`, or None."""
-    folder = checkpoints_dir(output_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(p.name.split("_")[-1]), p) for p in folder.glob("checkpoint_*") if p.name.split("_")[-1].isdigit()]
-    return max(found)[1] if found else None
-
-
-def prepare_data(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Any, Any, list[str]]:
-    """(train_semi rows, validation rows, class names) of `recipe.data_dir`; makes the mini dataset there first for
-    the demo recipe. The main process builds the Arrow cache, the others then read it."""
-    from imagenets_hf.data.imagenets import class_names, load_imagenets
-
+    data_dir = Path(recipe.data_dir)
     context = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with context:
-        if recipe.subset == "mini" and not Path(recipe.data_dir).exists():
+        if not data_dir.exists() and (make_mini_dataset or _is_demo_data_dir(recipe)):
             from imagenets_hf.data.mini import ensure_mini_dataset
 
-            ensure_mini_dataset(recipe.data_dir)
-        if not Path(recipe.data_dir).is_dir():
+            ensure_mini_dataset(data_dir)
+        if not data_dir.is_dir():
             raise FileNotFoundError(
-                f"data_dir {recipe.data_dir} does not exist; prepare ImageNet-S there or pass --data-dir"
+                f"data folder {data_dir} does not exist: pass --data-dir with a prepared ImageNet-S folder "
+                "(or --make-mini-dataset to write the synthetic mini dataset there)"
             )
         subset = None if recipe.subset == "mini" else recipe.subset
-        train_rows = load_imagenets(recipe.data_dir, "train_semi", subset=subset)
-        val_rows = load_imagenets(recipe.data_dir, "validation", subset=subset)
-        synset_words = recipe.synset_words
-        if synset_words is None and (Path(recipe.data_dir) / SYNSET_WORDS_FILE_NAME).is_file():
-            synset_words = str(Path(recipe.data_dir) / SYNSET_WORDS_FILE_NAME)
-        names = class_names(recipe.data_dir, synset_words=synset_words)
+        train_rows = load_imagenets(data_dir, "train_semi", subset=subset)
+        val_rows = load_imagenets(data_dir, "validation", subset=subset)
+        names = class_names(data_dir, synset_words=recipe.synset_words or default_synset_words(data_dir))
     if recipe.num_labels is not None and len(names) != recipe.num_labels:
         raise ValueError(
-            f"{recipe.data_dir} holds {len(names)} labels but recipe subset {recipe.subset!r} expects "
+            f"{data_dir} holds {len(names)} labels but recipe subset {recipe.subset!r} expects "
             f"{recipe.num_labels}; pass --subset matching the data"
         )
     return train_rows, val_rows, names
+
+
+def _is_demo_data_dir(recipe: Recipe) -> bool:
+    """True for the mini subset at the folder the demo recipe names (where the main job makes its data)."""
+    demo_dir = Path(load_recipe("demo").data_dir)
+    return recipe.subset == "mini" and Path(recipe.data_dir).resolve() == demo_dir.resolve()
 
 
 def build_model(recipe: Recipe, names: list[str]):
@@ -118,11 +117,16 @@ def build_image_processor(recipe: Recipe):
     return ViTFCNImageProcessor(short_side=recipe.eval_short_side, max_long_side=recipe.eval_max_long_side)
 
 
-def evaluate(model, image_processor, rows, accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
+def evaluate(
+    model, image_processor, rows, accelerator: Accelerator, recipe: Recipe, progress: bool = True
+) -> dict[str, Any]:
     """mIoU on `rows` with the official protocol, split across processes (exact)."""
     from imagenets_hf.evaluation.inference import evaluate_model
 
-    model = accelerator.unwrap_model(model)  # no DDP wrapper: each process runs its own share of the images
+    # No DDP wrapper: each process runs its own share of the images. No torch.compile wrapper either: the official
+    # protocol feeds one image at a time at varying sizes, so a compiled model would recompile for new size patterns
+    # (minutes of inductor time per evaluation, up to dynamo's recompile limit) to save little on whole-image forwards.
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
     was_training = model.training
     model.eval()
     # Evaluation must not consume the training random state (its DataLoader draws a seed), or a run resumed from a
@@ -135,7 +139,7 @@ def evaluate(model, image_processor, rows, accelerator: Accelerator, recipe: Rec
             accelerator=accelerator,
             batch_size=recipe.eval_batch_size,
             extended=False,
-            progress=accelerator.is_main_process,
+            progress=progress and accelerator.is_main_process,
         )
     model.train(was_training)
     return metrics
@@ -194,43 +198,142 @@ def write_model_card(
     return path
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the iteration reached, the last complete checkpoint and the command
+    that resumes."""
+
+
+@dataclass
+class TrainingRun:
+    """What `setup_run` builds and the loop uses."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosineLR
+    progress: TrainingProgress
+    batches: Iterator[dict[str, torch.Tensor]]
+    image_processor: Any
+    val_rows: Any
+    names: list[str]
+    num_train_rows: int
+    accumulation: int
+    last_checkpoint: Path | None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
 def finetune(
     recipe: Recipe,
     resume: str | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    make_mini_dataset: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune as `recipe` says; return {"metrics", "output_dir", "iterations", ...}.
 
     Args:
         recipe: the resolved recipe (see `load_recipe`).
-        resume: a checkpoint folder, or "latest" for the newest under `recipe.output_dir/checkpoints`.
+        resume: continue the run in `recipe.output_dir`: "latest" (its newest complete checkpoint, or iteration 0
+            when none was completed) or a checkpoint folder. The recipe must equal the one the run was started with,
+            up to `run_folder.RESUMABLE_FIELDS`.
         stop_after: stop (and checkpoint) after this many iterations in total, as if killed; the schedule still
             runs to `recipe.max_iters`, and `resume` continues exactly.
-        progress: show the tqdm bar (main process only).
+        progress: show the tqdm bars (main process only).
+        overwrite: delete the run already in `recipe.output_dir` first (without it, and without `resume`, a folder
+            holding a run is refused).
+        make_mini_dataset: make the synthetic mini dataset at `recipe.data_dir` when that folder does not exist (the
+            demo recipe does so at its own default folder without being asked).
     """
-    output_dir = Path(recipe.output_dir)
+    run = setup_run(recipe, resume, overwrite, make_mini_dataset, progress)
+    accelerator = run.accelerator
+    end_iteration = recipe.max_iters if stop_after is None else min(stop_after, recipe.max_iters)
+    start_iteration = run.progress.iteration
+    accelerator.print(
+        f"Fine-tuning {recipe.name}: {run.num_train_rows} train-semi images, {len(run.val_rows)} validation images, "
+        f"{len(run.names)} labels; {accelerator.num_processes} process(es) x {recipe.per_device_batch_size} per "
+        f"device x {run.accumulation} accumulation = global batch {recipe.global_batch_size}; iterations "
+        f"{start_iteration}->{end_iteration} of {recipe.max_iters}; mixed precision {recipe.mixed_precision}"
+    )
+    bar = tqdm(
+        total=end_iteration,
+        initial=start_iteration,
+        desc=recipe.name,
+        disable=not (progress and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+    )
+    run.model.train()
+    started = time.perf_counter()
+    done = start_iteration
+    try:
+        for iteration in range(start_iteration, end_iteration):
+            loss_value, lr = train_step(run, iteration)
+            done = iteration + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if recipe.log_interval and (done % recipe.log_interval == 0 or done == end_iteration):
+                accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=done)
+            if recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0:
+                run.last_checkpoint = checkpoint(run, done)
+            if recipe.val_interval and done % recipe.val_interval == 0 and done < recipe.max_iters:
+                metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+                accelerator.log({"val/mIoU": metrics["mIoU"]}, step=done)
+                if accelerator.is_main_process:
+                    bar.write(f"iteration {done}: validation mIoU {metrics['mIoU']:.2f}")
+    except KeyboardInterrupt:
+        bar.close()
+        accelerator.end_training()
+        if run.last_checkpoint is None:
+            where = f"no checkpoint was completed; start again with {resume_command()[: -len(' --resume')]} --overwrite"
+        else:
+            where = f"last complete checkpoint {run.last_checkpoint}; resume with: {resume_command()}"
+        raise TrainingInterrupted(f"interrupted at iteration {done} of {recipe.max_iters}; {where}") from None
+    bar.close()
+    result: dict[str, Any] = {
+        "output_dir": str(run.output_dir),
+        "iterations": end_iteration,
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": run.accumulation,
+        "train_seconds": time.perf_counter() - started,
+    }
+    if end_iteration < recipe.max_iters:  # stopped early: checkpoint so that --resume continues
+        result["checkpoint"] = str(checkpoint(run, end_iteration))
+        accelerator.print(f"Stopped after {end_iteration} iterations; checkpoint {result['checkpoint']}")
+        accelerator.end_training()
+        return result
+    return finish_run(run, result, progress)
+
+
+def setup_run(
+    recipe: Recipe, resume: str | None, overwrite: bool, make_mini_dataset: bool, progress: bool = True
+) -> TrainingRun:
+    """Claim the output folder, build the data, model, optimizer and schedule, and restore a checkpoint to resume."""
+    check_output_dir(recipe, resume, overwrite)  # on every process, before anything is written
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "logs"),
-            automatic_checkpoint_naming=True,
-            total_limit=max(recipe.checkpoints_total_limit, 1),
+            project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
         ),
         dynamo_backend="inductor" if recipe.compile else None,
         step_scheduler_with_optimizer=False,
         cpu=_multi_process_without_accelerator(),
     )
     accumulation = recipe.gradient_accumulation_steps(accelerator.num_processes)
+    # The data first: a wrong data folder must fail before the output folder is claimed.
+    train_rows, val_rows, names = prepare_data(recipe, accelerator, make_mini_dataset)
+    if accelerator.is_main_process:
+        claim_output_dir(recipe, resume, overwrite)
+    accelerator.wait_for_everyone()
     print_main = accelerator.print
     if recipe.mixed_precision == "fp16" and not accelerator.native_amp:
         # accelerate enables fp16 autocast + GradScaler only on GPUs; say so rather than silently train in fp32
         print_main(f"note: fp16 needs a GPU; on {accelerator.device.type} this run trains in float32")
     set_seed(recipe.seed)  # same initial weights on every process
-
-    train_rows, val_rows, names = prepare_data(recipe, accelerator)
     model = build_model(recipe, names)
     if recipe.pretrained and resume is None:
         from imagenets_hf.model.convert import load_pretrained_encoder
@@ -249,7 +352,6 @@ def finetune(
             print_main("note: SyncBatchNorm needs GPUs; on CPU processes keep per-process BatchNorm statistics")
         else:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    image_processor = build_image_processor(recipe)
 
     optimizer = build_optimizer(
         model,
@@ -265,20 +367,11 @@ def finetune(
     training_progress = TrainingProgress()
     # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside.
     accelerator.register_for_checkpointing(scheduler, training_progress)
+    last_checkpoint = restore_checkpoint(accelerator, recipe, resume, training_progress) if resume else None
 
-    if resume:
-        checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if checkpoint is None or not checkpoint.is_dir():
-            raise FileNotFoundError(f"no checkpoint to resume from: {resume} (looked in {checkpoints_dir(output_dir)})")
-        accelerator.load_state(str(checkpoint))
-        print_main(f"Resumed from {checkpoint} at iteration {training_progress.iteration}")
-    start_iteration = training_progress.iteration
-    end_iteration = recipe.max_iters if stop_after is None else min(stop_after, recipe.max_iters)
-
-    transform = train_transform_from_recipe(recipe)
     loader = build_train_dataloader(
         train_rows,
-        transform,
+        train_transform_from_recipe(recipe),
         batch_size=recipe.per_device_batch_size,
         seed=recipe.seed,
         rank=accelerator.process_index,
@@ -286,114 +379,105 @@ def finetune(
         num_workers=recipe.num_workers,
     )
     # Skip what the interrupted run consumed (indices only: nothing is decoded).
-    loader = accelerator.skip_first_batches(loader, start_iteration * accumulation)
-    batches = iter(loader)
+    loader = accelerator.skip_first_batches(loader, training_progress.iteration * accumulation)
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(output_dir / RECIPE_FILE_NAME)
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams)
-    print_main(
-        f"Fine-tuning {recipe.name}: {len(train_rows)} train-semi images, {len(val_rows)} validation images, "
-        f"{len(names)} labels; {accelerator.num_processes} process(es) x {recipe.per_device_batch_size} per device x "
-        f"{accumulation} accumulation = global batch {recipe.global_batch_size}; iterations "
-        f"{start_iteration}->{end_iteration} of {recipe.max_iters}; mixed precision {recipe.mixed_precision}"
+    return TrainingRun(
+        recipe=recipe,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress=training_progress,
+        batches=iter(loader),
+        image_processor=build_image_processor(recipe),
+        val_rows=val_rows,
+        names=names,
+        num_train_rows=len(train_rows),
+        accumulation=accumulation,
+        last_checkpoint=last_checkpoint,
     )
 
-    def save_checkpoint(iteration: int) -> Path:
-        training_progress.iteration = iteration
-        accelerator.project_configuration.iteration = iteration  # folder checkpoint_<iteration>
-        path = checkpoints_dir(output_dir) / f"checkpoint_{iteration}"
-        if not path.exists():
-            accelerator.save_state()
-        return path
 
-    metrics: dict[str, Any] | None = None
-    last_checkpoint = latest_checkpoint(output_dir)
-    bar = tqdm(
-        total=end_iteration,
-        initial=start_iteration,
-        desc=recipe.name,
-        disable=not (progress and accelerator.is_local_main_process),
-        dynamic_ncols=True,
-    )
-    model.train()
-    started = time.perf_counter()
-    for iteration in range(start_iteration, end_iteration):
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro_step in range(accumulation):
-            batch = next(batches)
-            pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            last_micro_step = micro_step == accumulation - 1
-            sync_context = nullcontext() if last_micro_step else accelerator.no_sync(model)
-            with sync_context:
-                loss = model(pixel_values=pixel_values, labels=labels).loss
-                accelerator.backward(loss / accumulation)
-            loss_sum += loss.detach()
-        loss_value = accelerator.reduce(loss_sum / accumulation, reduction="mean").item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            accelerator.end_training()
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at iteration {iteration + 1}; training stopped. Last good checkpoint: "
-                f"{last_checkpoint or 'none'} (resume with --resume latest after lowering --lr or using bf16/no)"
-            )
-        if recipe.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = iteration + 1
-        lr = optimizer.param_groups[-1]["lr"]  # the head's group: scale 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if recipe.log_interval and (done % recipe.log_interval == 0 or done == end_iteration):
-            accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=done)
-        if recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0:
-            last_checkpoint = save_checkpoint(done)
-        if recipe.val_interval and done % recipe.val_interval == 0 and done < recipe.max_iters:
-            metrics = evaluate(model, image_processor, val_rows, accelerator, recipe)
-            accelerator.log({"val/mIoU": metrics["mIoU"]}, step=done)
-            if accelerator.is_main_process:
-                bar.write(f"iteration {done}: validation mIoU {metrics['mIoU']:.2f}")
-    bar.close()
-    train_seconds = time.perf_counter() - started
+def restore_checkpoint(
+    accelerator: Accelerator, recipe: Recipe, resume: str, progress: TrainingProgress
+) -> Path | None:
+    """Load the checkpoint `resume` names ("latest": the newest complete one of the run) into the prepared objects;
+    return it (None: "latest" found no complete checkpoint, so the run starts again from iteration 0)."""
+    if resume == "latest":
+        choice = newest_complete_checkpoint(recipe.output_dir)
+        for path, why in choice.skipped:
+            accelerator.print(f"note: skipped checkpoint {path}: {why}")
+        if choice.path is None:
+            accelerator.print(f"note: no complete checkpoint in {checkpoints_dir(recipe.output_dir)}; starting at 0")
+            return None
+        path = choice.path
+    else:
+        path = Path(resume)
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"cannot resume from {path}: {problem}; pass --resume latest or another folder")
+    accelerator.load_state(str(path))
+    accelerator.print(f"Resumed from {path} at iteration {progress.iteration}")
+    return path
 
-    result: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "iterations": end_iteration,
-        "num_processes": accelerator.num_processes,
-        "gradient_accumulation_steps": accumulation,
-        "train_seconds": train_seconds,
-    }
-    if end_iteration < recipe.max_iters:  # stopped early: checkpoint so that --resume continues
-        result["checkpoint"] = str(save_checkpoint(end_iteration))
-        print_main(f"Stopped after {end_iteration} iterations; checkpoint {result['checkpoint']}")
+
+def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
+    """One optimizer step over a global batch (accumulating micro-batches); returns (mean loss, head lr)."""
+    accelerator, model = run.accelerator, run.model
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro_step in range(run.accumulation):
+        batch = next(run.batches)
+        pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+        labels = batch["labels"].to(accelerator.device, non_blocking=True)
+        last_micro_step = micro_step == run.accumulation - 1
+        with nullcontext() if last_micro_step else accelerator.no_sync(model):
+            loss = model(pixel_values=pixel_values, labels=labels).loss
+            accelerator.backward(loss / run.accumulation)
+        loss_sum += loss.detach()
+    loss_value = accelerator.reduce(loss_sum / run.accumulation, reduction="mean").item()
+    if not math.isfinite(loss_value):
         accelerator.end_training()
-        return result
+        raise NonFiniteLossError(
+            f"loss is {loss_value} at iteration {iteration + 1}; training stopped. Last good checkpoint: "
+            f"{run.last_checkpoint or 'none'} (resume with --resume latest after lowering --lr or using bf16/no)"
+        )
+    if run.recipe.grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), run.recipe.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, run.optimizer.param_groups[-1]["lr"]  # the head's group: scale 1
 
+
+def checkpoint(run: TrainingRun, iteration: int) -> Path:
+    """Save the complete training state after `iteration` iterations (atomically; see `checkpoints.py`)."""
+    run.progress.iteration = iteration
+    return save_checkpoint(run.accelerator, run.output_dir, iteration, keep=run.recipe.checkpoints_total_limit)
+
+
+def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Final evaluation; the main process saves the model, image processor, model card and results."""
     from imagenets_hf.evaluation.inference import format_iou_table
 
-    metrics = evaluate(model, image_processor, val_rows, accelerator, recipe)
-    accelerator.log({"val/mIoU": metrics["mIoU"]}, step=end_iteration)
-    table = format_iou_table(metrics, names)
+    accelerator, recipe, output_dir = run.accelerator, run.recipe, run.output_dir
+    metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+    accelerator.log({"val/mIoU": metrics["mIoU"]}, step=result["iterations"])
+    table = format_iou_table(metrics, run.names)
     result["metrics"] = metrics
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if isinstance(final, torch.nn.SyncBatchNorm) or any(
-            isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()
-        ):
+        final = accelerator.unwrap_model(run.model)
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()):
             final = _revert_sync_batchnorm(final)
         final.to(torch.float32).save_pretrained(output_dir)
-        image_processor.save_pretrained(output_dir)
+        run.image_processor.save_pretrained(output_dir)
         write_model_card(output_dir, recipe, metrics, table, result)
         (output_dir / RESULTS_FILE_NAME).write_text(
             json.dumps({"mIoU": metrics["mIoU"], "per_class_iou": metrics.get("per_class_iou"), **result}, indent=2)
         )
         print(table)
-        print(f"mIoU {metrics['mIoU']:.2f} on {len(val_rows)} validation images; model saved to {output_dir}")
+        print(f"mIoU {metrics['mIoU']:.2f} on {len(run.val_rows)} validation images; model saved to {output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

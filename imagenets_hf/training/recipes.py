@@ -3,18 +3,21 @@
 `recipes/*.yaml` hold the published ImageNet-S recipes (mmsegmentation `fcn_*_3600_imagenets919`) and the CPU demo.
 Every field can be overridden: `load_recipe("mae-base-pretrained", {"lr": 1e-4, "subset": "300"})`, from a YAML file
 (`load_recipe("my.yaml")`, or overrides read with `read_overrides("my.yaml")`) or from the command line
-(`add_recipe_arguments` + `overrides_from_args`).
+(`add_recipe_arguments` + `recipe_from_args`). Each field's help text and choices live in its `metadata`; a bad value
+raises `RecipeError` naming where it came from (`--max-iters 2`, `--set ...`, a `--config` file, `recipe demo`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -24,96 +27,146 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 PIPELINES = ("mmseg", "imagenetsegmodel")
 HEADS = ("fcn", "linear")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
+
+
+class RecipeError(ValueError):
+    """A recipe name, field or value that cannot be used; the message says where the value came from."""
+
+
+class RecipeFileNotFoundError(RecipeError, FileNotFoundError):
+    """A recipe or overrides YAML file that does not exist."""
+
+
+def _option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str, ...] = (), factory=None) -> Any:
+    """A Recipe field with its help text (shown by `--help`) and, for a closed set of values, its choices."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class Recipe:
     """Everything one fine-tuning run needs. Defaults are the published ImageNet-S919 MAE ViT-B/16 recipe."""
 
-    name: str = "custom"
-    description: str = ""
+    name: str = _option("custom", help="run name: progress bar label, TensorBoard run and model card title")
+    description: str = _option("", help="one-line description for the model card")
     # -- data
-    data_dir: str = "ImageNetS919"
-    subset: str = "919"  # "50" | "300" | "919" (num_labels 51/301/920) or "mini" (num_labels from the class list)
-    synset_words: str | None = None  # class names file; default <data_dir>/LOC_synset_mapping.txt when present
-    pipeline: str = "mmseg"  # training augmentation: "mmseg" (published) or "imagenetsegmodel"
-    crop_size: int = 224
-    resize_scale: list[int] = field(default_factory=lambda: [1024, 256])  # (long, short) before the random ratio
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric_distortion: bool = True
-    eval_short_side: int = 256
-    eval_max_long_side: int = 1024
-    num_workers: int = 4
+    data_dir: str = _option("ImageNetS919", help="prepared ImageNet-S folder (official layout)")
+    subset: str = _option(
+        "919",
+        help="ImageNet-S subset: 50, 300, 919 (51, 301, 920 labels) or mini (labels from the data)",
+        choices=(*SUBSETS, "mini"),
+    )
+    synset_words: str | None = _option(
+        None, help="class names file (LOC_synset_mapping.txt); null: <data_dir>/LOC_synset_mapping.txt if present"
+    )
+    pipeline: str = _option(
+        "mmseg", help="training augmentation: mmseg (published) or imagenetsegmodel", choices=PIPELINES
+    )
+    crop_size: int = _option(224, help="side of the square training crops, in pixels")
+    resize_scale: list[int] = _option(
+        help="[long, short] size images are resized to (keeping the ratio) before the random ratio",
+        factory=lambda: [1024, 256],
+    )
+    ratio_range: list[float] = _option(
+        help="[low, high] of the random factor on resize_scale", factory=lambda: [0.5, 2.0]
+    )
+    cat_max_ratio: float = _option(0.75, help="redraw crops whose largest class covers more than this (0 < x <= 1)")
+    flip_prob: float = _option(0.5, help="probability of a horizontal flip")
+    photometric_distortion: bool = _option(True, help="mmseg's random brightness, contrast, saturation and hue")
+    eval_short_side: int = _option(256, help="evaluation: resize the short side to this many pixels")
+    eval_max_long_side: int = _option(1024, help="evaluation: at most this many pixels on the long side")
+    num_workers: int = _option(4, help="DataLoader worker processes decoding and augmenting training samples")
+    augment_on_device: bool = _option(
+        False,
+        help="decode train-semi once into a uint8 store and augment whole batches on the training device "
+        "(no DataLoader workers)",
+    )
     # -- model
-    encoder_name: str = "vit_base_patch16_224"
-    encoder_kwargs: dict = field(default_factory=dict)  # timm VisionTransformer overrides (tiny demo models)
-    head: str = "fcn"  # ViTFCNConfig preset: "fcn" (mmseg) or "linear" (ImageNetSegModel)
-    model_kwargs: dict = field(default_factory=dict)  # further ViTFCNConfig overrides
-    drop_path_rate: float = 0.1
-    pretrained: str | None = None  # checkpoint file or Hub id for the encoder; None trains from scratch
-    pretrained_allow_partial: bool = False  # load a checkpoint that does not cover the whole encoder
-    pretrained_key: str | None = None  # sub-dict of the checkpoint ("teacher" by default where both exist, "student")
+    encoder_name: str = _option("vit_base_patch16_224", help="timm ViT encoder, e.g. vit_small_patch16_224")
+    encoder_kwargs: dict = _option(
+        help="timm VisionTransformer overrides, e.g. {depth: 4, embed_dim: 96} (tiny demo models)", factory=dict
+    )
+    head: str = _option("fcn", help="decode head: fcn (mmsegmentation) or linear (ImageNetSegModel)", choices=HEADS)
+    model_kwargs: dict = _option(help="further ViTFCNConfig overrides, e.g. {num_convs: 1}", factory=dict)
+    drop_path_rate: float = _option(0.1, help="stochastic depth rate of the encoder")
+    pretrained: str | None = _option(
+        None, help="encoder checkpoint: file, folder, URL or Hub id; null: train from scratch"
+    )
+    pretrained_allow_partial: bool = _option(False, help="load a checkpoint that does not cover the whole encoder")
+    pretrained_key: str | None = _option(
+        None, help="sub-dict of the checkpoint holding the weights, e.g. student; null: teacher where both exist"
+    )
     # -- optimisation
-    lr: float = 5e-4
-    layer_decay: float = 0.60
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    no_weight_decay_tokens: bool = True  # no weight decay on cls_token / pos_embed (see optim.py)
-    grad_clip: float | None = None
-    warmup_iters: int = 180
-    warmup_ratio: float = 1e-6
-    min_lr: float = 1e-6
-    max_iters: int = 3600
-    global_batch_size: int = 256
-    per_device_batch_size: int = 32
+    lr: float = _option(5e-4, help="peak learning rate of the head; block i gets lr x layer_decay^(depth - i)")
+    layer_decay: float = _option(0.60, help="layer-wise learning rate decay (0 < x <= 1; 1: same lr everywhere)")
+    weight_decay: float = _option(0.05, help="AdamW weight decay (none on biases and other 1-D parameters)")
+    betas: list[float] = _option(help="AdamW [beta1, beta2]", factory=lambda: [0.9, 0.999])
+    eps: float = _option(1e-8, help="AdamW epsilon")
+    no_weight_decay_tokens: bool = _option(True, help="no weight decay on cls_token and pos_embed (see optim.py)")
+    grad_clip: float | None = _option(None, help="clip the gradient norm to this; null: no clipping")
+    warmup_iters: int = _option(180, help="linear warmup iterations (fewer than max_iters)")
+    warmup_ratio: float = _option(1e-6, help="the warmup starts at lr x warmup_ratio")
+    min_lr: float = _option(1e-6, help="learning rate at the end of the cosine schedule")
+    max_iters: int = _option(3600, help="training iterations (optimizer steps over a global batch)")
+    global_batch_size: int = _option(256, help="images per optimizer step over all processes")
+    per_device_batch_size: int = _option(
+        32, help="images per process and micro-batch; gradient accumulation makes up the global batch"
+    )
     # -- runtime
-    mixed_precision: str = "fp16"
-    compile: bool = False
-    seed: int = 0
-    val_interval: int = 360
-    eval_batch_size: int = 8
-    checkpoint_interval: int = 360
-    checkpoints_total_limit: int = 2
-    log_interval: int = 10
-    output_dir: str = "outputs/custom"
+    mixed_precision: str = _option(
+        "fp16", help="no, fp16 (autocast + gradient scaler, GPU only) or bf16", choices=MIXED_PRECISIONS
+    )
+    compile: bool = _option(False, help="compile the model with torch.compile (inductor)")
+    seed: int = _option(0, help="random seed: initial weights, sample order and augmentation")
+    val_interval: int = _option(360, help="evaluate on validation every N iterations (0: only at the end)")
+    eval_batch_size: int = _option(8, help="images per evaluation batch")
+    checkpoint_interval: int = _option(360, help="save a checkpoint every N iterations (0: none)")
+    checkpoints_total_limit: int = _option(2, help="keep this many newest checkpoints")
+    log_interval: int = _option(10, help="log loss and lr to TensorBoard every N iterations (0: never)")
+    output_dir: str = _option("outputs/custom", help="where the model, recipe.yaml, checkpoints and logs go")
 
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, source: str = "recipe") -> None:
-        """Check value ranges and choices; raise ValueError naming `source` and the field."""
+    def validate(self, origins: dict[str, str] | None = None, base: str = "Recipe") -> None:
+        """Check choices and value ranges; raise RecipeError naming the bad field and where its value came from:
+        `origins` maps a field to what set it (`--max-iters 2`, a `--config` file), the others come from `base`."""
+        origins = origins or {}
 
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"{source}: field {name!r} {why} (got {getattr(self, name)!r})")
+        def fail(rule: str, *names: str) -> NoReturn:
+            # Lead with what the user set (a flag, a file), else the recipe; name the origin of each other value.
+            lead = next((origins[name] for name in names if name in origins), base)
+            shown = []
+            for name in names:
+                where = origins.get(name, base)
+                value = getattr(self, name)
+                shown.append(f"{name} ({value!r})" if where == lead else f"{name} ({value!r}, from {where})")
+            raise RecipeError(f"{lead}: {rule.format(*shown)}")
 
         self.subset = str(self.subset)
-        if self.subset not in SUBSETS and self.subset != "mini":
-            fail("subset", f"must be one of {', '.join(SUBSETS)} or 'mini'")
-        if self.pipeline not in PIPELINES:
-            fail("pipeline", f"must be one of {PIPELINES}")
-        if self.head not in HEADS:
-            fail("head", f"must be one of {HEADS}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            fail("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
-        if len(self.resize_scale) != 2 or len(self.ratio_range) != 2 or len(self.betas) != 2:
-            fail("resize_scale", "resize_scale, ratio_range and betas must hold two numbers each")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]:
+                fail(f"{{}} must be one of {', '.join(f.metadata['choices'])}", f.name)
+        for name in ("resize_scale", "ratio_range", "betas"):
+            if len(getattr(self, name)) != 2:
+                fail("{} must hold two numbers", name)
         if not 0 < self.cat_max_ratio <= 1:
-            fail("cat_max_ratio", "must lie in (0, 1]")
+            fail("{} must lie in (0, 1]", "cat_max_ratio")
         for name in ("crop_size", "max_iters", "global_batch_size", "per_device_batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
-                fail(name, "must be >= 1")
+                fail("{} must be at least 1", name)
         for name in ("val_interval", "checkpoint_interval", "log_interval", "warmup_iters", "num_workers"):
             if getattr(self, name) < 0:
-                fail(name, "must be >= 0")
+                fail("{} must not be negative", name)
         if self.warmup_iters >= self.max_iters:
-            fail("warmup_iters", f"must be smaller than max_iters ({self.max_iters})")
+            fail("{} must be smaller than {}", "warmup_iters", "max_iters")
         if self.global_batch_size % self.per_device_batch_size:
-            fail("global_batch_size", f"must be a multiple of per_device_batch_size ({self.per_device_batch_size})")
+            fail("{} must be a multiple of {}", "global_batch_size", "per_device_batch_size")
         if not 0 < self.layer_decay <= 1:
-            fail("layer_decay", "must lie in (0, 1]")
+            fail("{} must lie in (0, 1]", "layer_decay")
 
     @property
     def num_labels(self) -> int | None:
@@ -124,7 +177,7 @@ class Recipe:
         """Micro-batches per optimizer step so that per_device_batch_size x processes x steps = global_batch_size."""
         per_step = self.per_device_batch_size * num_processes
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise RecipeError(
                 f"recipe {self.name!r}: global batch {self.global_batch_size} is not a multiple of "
                 f"per-device batch {self.per_device_batch_size} x {num_processes} processes = {per_step}; "
                 "change --per-device-batch-size or the number of processes"
@@ -150,97 +203,130 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _field_types() -> dict[str, Any]:
+# -- field types: converting values and saying what is expected ------------------------------------------------------
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a YAML mapping"}
+_LIST_WORDS = {int: "a list of integers", float: "a list of numbers"}
+_METAVARS = {bool: "BOOL", int: "INT", float: "NUMBER", str: "TEXT", list: "LIST", dict: "MAPPING"}
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
     return typing.get_type_hints(Recipe)
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Convert a YAML/CLI value to the field's type (YAML reads "1e-4" as a string, "5" as an int)."""
-    types = _field_types()
-    if name not in types:
-        known = ", ".join(f.name for f in dataclasses.fields(Recipe))
-        raise ValueError(f"{source}: unknown recipe field {name!r}; known fields: {known}")
-    hint = types[name]
+def _field_type(name: str) -> tuple[type, type | None, bool]:
+    """(base type, list item type or None, whether null is allowed) of a Recipe field."""
+    hint = _type_hints()[name]
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args and optional else hint
+    items = typing.get_args(base)
+    return typing.get_origin(base) or base, (items[0] if items else None), optional
+
+
+def type_words(name: str) -> str:
+    """What a field takes, in words: "a number", "a list of integers", "text or null", ..."""
+    base, item, optional = _field_type(name)
+    words = _LIST_WORDS.get(item, "a YAML list") if base is list else _TYPE_WORDS[base]
+    return f"{words} or null" if optional else words
+
+
+def _check_known(name: str, origin: str) -> None:
+    known = [f.name for f in dataclasses.fields(Recipe)]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{origin}: unknown recipe field {name!r}{hint}")
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """Convert a YAML/CLI value to the field's type (YAML reads "1e-4" as a string, "5" as an int)."""
+    _check_known(name, origin)
+    base, item, optional = _field_type(name)
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
         if optional:
             return None
-        raise ValueError(f"{source}: field {name!r} cannot be null")
-    origin = typing.get_origin(base) or base
+        raise RecipeError(f"{origin}: field {name!r} cannot be null; it expects {type_words(name)}")
     try:
-        if origin is bool:
+        if base is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError(value)
                 return value.lower() in ("true", "yes", "1")
             return bool(value)
-        if origin is float:
+        if base is float:
             return float(value)
-        if origin is int:
-            if isinstance(value, float) and not value.is_integer():
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
-        if origin is str:
+        if base is str:
             return str(value)
-        if origin is list:
+        if base is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
-            (item,) = typing.get_args(base) or (None,)
             return [item(v) if item is not None else v for v in value]
-        if origin is dict:
+        if base is dict:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: field {name!r} expects {base}, got {value!r}") from err
+    except (TypeError, ValueError, yaml.YAMLError) as err:
+        raise RecipeError(f"{origin}: field {name!r} expects {type_words(name)}, got {value!r}") from err
     return value
 
 
-def read_overrides(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping of recipe fields (a full recipe or a few overrides)."""
+def read_overrides(path: str | os.PathLike, origin: str | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of recipe fields (a full recipe or a few overrides); errors name `origin` (the path)."""
     path = Path(path)
+    origin = origin or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file {path} does not exist")
+        raise RecipeFileNotFoundError(f"no such recipe file: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+        raise RecipeError(f"{origin}: not valid YAML ({' '.join(str(err).split())})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of recipe fields, got {type(data).__name__}")
-    return {str(k): _coerce(str(k), v, str(path)) for k, v in data.items()}
+        raise RecipeError(f"{origin}: expected a mapping of recipe fields, got {type(data).__name__}")
+    return {str(k): _coerce(str(k), v, origin) for k, v in data.items()}
 
 
-def load_recipe(name_or_yaml: str | os.PathLike = "demo", overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    name_or_yaml: str | os.PathLike = "demo",
+    overrides: dict[str, Any] | None = None,
+    origins: dict[str, str] | None = None,
+) -> Recipe:
     """Load a shipped recipe by name (`available_recipes()`) or a YAML file, then apply `overrides` (field -> value).
 
-    Unknown fields and wrong types raise ValueError naming the file and the field.
+    `origins` (field -> what set it, e.g. "--max-iters 2") make error messages name the flag or file; overrides
+    without one are called "overrides". Unknown fields, wrong types and bad values raise RecipeError.
     """
     candidate = Path(name_or_yaml)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         values = read_overrides(candidate)
-        source = str(candidate)
+        base = str(candidate)
     else:
         path = RECIPES_DIR / f"{name_or_yaml}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown recipe {name_or_yaml!r}; available: {', '.join(available_recipes())}")
-        values = read_overrides(path)
-        source = str(path)
+            raise RecipeError(
+                f"unknown recipe {str(name_or_yaml)!r}; available: {', '.join(available_recipes())} (or a YAML file)"
+            )
+        base = f"recipe {name_or_yaml}"
+        values = read_overrides(path, base)
+    origins = {key: (origins or {}).get(key, OVERRIDES_ORIGIN) for key in overrides or {}}
     for key, value in (overrides or {}).items():
-        values[key] = _coerce(key, value, "overrides")
-        source = f"{source} + overrides"
+        values[key] = _coerce(key, value, origins[key])
     recipe = Recipe.__new__(Recipe)
     for f in dataclasses.fields(Recipe):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         setattr(recipe, f.name, values.get(f.name, default))
-    recipe.validate(source)
+    recipe.validate(origins, base)
     return recipe
 
 
@@ -258,35 +344,55 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one field (YAML value)"
     )
-    group = parser.add_argument_group("recipe fields (override the recipe)")
+    group = parser.add_argument_group(
+        "recipe fields (override the recipe; LIST and MAPPING values are YAML, null unsets an optional field)"
+    )
     for f in dataclasses.fields(Recipe):
-        flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata["choices"]
         group.add_argument(
-            flag, dest=f"recipe_{f.name}", default=None, metavar="VALUE", help=f"({_field_types()[f.name]})"
+            "--" + f.name.replace("_", "-"),
+            dest=f"recipe_{f.name}",
+            default=None,
+            metavar="{" + ",".join(choices) + "}" if choices else _METAVARS[_field_type(f.name)[0]],
+            help=f.metadata["help"],
         )
+
+
+def _overrides_and_origins(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overrides in precedence order (`--config` files, then per-field flags, then `--set`) and what set each."""
+    overrides: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for path in args.config:
+        origin = f"--config {path}"
+        for key, value in read_overrides(path, origin).items():
+            overrides[key], origins[key] = value, origin
+    for f in dataclasses.fields(Recipe):
+        value = getattr(args, f"recipe_{f.name}", None)
+        if value is not None:
+            origin = f"--{f.name.replace('_', '-')} {value}"
+            overrides[f.name] = _coerce(f.name, value, origin)
+            origins[f.name] = origin
+    for item in args.set:
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set max_iters=1000")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        origin = f"--set {item}"
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value  # not YAML: the field's own conversion says what it expects
+        overrides[key] = _coerce(key, parsed, origin)
+        origins[key] = origin
+    return overrides, origins
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Overrides in precedence order: `--config` files, then per-field flags, then `--set`."""
-    overrides: dict[str, Any] = {}
-    for path in args.config:
-        overrides.update(read_overrides(path))
-    for f in dataclasses.fields(Recipe):
-        value = getattr(args, f"recipe_{f.name}", None)
-        if value is not None:
-            overrides[f.name] = _coerce(
-                f.name, yaml.safe_load(value) if _is_structured(f.name) else value, "--" + f.name
-            )
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        overrides[key] = _coerce(key, yaml.safe_load(value), f"--set {key}")
-    return overrides
+    return _overrides_and_origins(args)[0]
 
 
-def _is_structured(name: str) -> bool:
-    hint = _field_types()[name]
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
-    return (typing.get_origin(base) or base) in (list, dict)
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe `--recipe` names with the command line's overrides; errors name the flag or file that set a value."""
+    overrides, origins = _overrides_and_origins(args)
+    return load_recipe(args.recipe, overrides, origins)

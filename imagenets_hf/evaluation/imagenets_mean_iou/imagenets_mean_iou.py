@@ -62,16 +62,64 @@ IOU_EPSILON = 1e-10
 _DENSE_PAIR_LIMIT = 4096
 
 
-def _as_id_map(array, name):
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        # ImageNet-S RGB encoding; widen before multiplying (uint8 * 256 overflows).
-        array = array[..., 0].astype(np.int64) + 256 * array[..., 1].astype(np.int64)
+def _as_id_map(mask, name):
+    """Class ids (int64, HxW) of a prediction or reference, by `_mask_to_ids`; errors name which one it was."""
+    try:
+        return _mask_to_ids(mask)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def _mask_to_ids(mask):
+    """A copy of `imagenets_hf.data.masks.mask_to_ids`, the project's one mask rule (a Hub metric cannot import the
+    package; tests/test_data_mask_decoding.py holds the copies equal). RGB / RGBA (opaque) images and HxWx3 / HxWx4
+    arrays: id = R + 256 * G; L / I / I;16 images and HxW integer arrays: ids as they are; palette images, float
+    arrays and anything else: ValueError."""
+    if hasattr(mask, "getbands"):  # a PIL image, recognised without importing PIL (the copies stand alone)
+        if mask.mode == "P":
+            raise ValueError(
+                "palette image (PIL mode 'P'): its values are palette indices, not class ids; save the mask as RGB "
+                "(ImageNet-S encoding, id = R + 256 * G) or as 8/16-bit single-channel ids"
+            )
+        if mask.mode not in ("RGB", "RGBA", "L", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+            raise ValueError(
+                f"PIL mode {mask.mode!r} is not a mask: expected RGB or RGBA (id = R + 256 * G) or single-channel "
+                "ids (L, I, I;16)"
+            )
+        array = np.asarray(mask)
+    elif hasattr(mask, "detach"):  # a torch tensor, recognised without importing torch
+        array = mask.detach().cpu().numpy()
+    else:
+        array = np.asarray(mask)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    elif array.ndim == 3 and array.shape[0] == 1:
+        if array.shape[-1] in (3, 4):  # 1xHxW ids of width 3 or 4, or a 1-pixel-high colour mask: no safe guess
+            raise ValueError(f"ambiguous mask shape {array.shape}: pass HxW ids or HxWx3 RGB")
+        array = array[0]
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        channels = "RGB" if array.shape[-1] == 3 else "RGBA"
+        if array.dtype.kind not in "iu":
+            raise ValueError(
+                f"an HxWx{array.shape[-1]} {channels} mask holds integer channels, got dtype {array.dtype}"
+            )
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(
+                f"an HxWx{array.shape[-1]} {channels} mask holds 8-bit channels (0..255), got values "
+                f"{array.min()}..{array.max()}"
+            )
+        if channels == "RGBA" and (array[..., 3] != 255).any():
+            raise ValueError(
+                f"RGBA mask with {int((array[..., 3] != 255).sum())} transparent pixel(s) (alpha < 255): they have "
+                "no class id; save the mask as RGB (id = R + 256 * G)"
+            )
+        # Widen before multiplying: uint8 * 256 overflows (NumPy 2 raises).
+        return array[..., 0].astype(np.int64) + 256 * array[..., 1].astype(np.int64)
     if array.ndim != 2:
-        raise ValueError(f"{name}: expected a (height, width) map of class ids, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name}: expected integer class ids, got dtype {array.dtype}")
-    return array.astype(np.int64, copy=False)
+        raise ValueError(f"a mask is HxW class ids, HxWx3 RGB or HxWx4 RGBA; got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"class ids must be integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
 
 
 def pixel_pairs(prediction, reference):
@@ -176,7 +224,7 @@ class ImageNetSMeanIoU(evaluate.Metric):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
         columns = {"pair_references": [], "pair_predictions": [], "pair_counts": [], "first_pair": []}
         for prediction, reference in zip(predictions, references):
-            pair_references, pair_predictions, pair_counts = pixel_pairs(_to_numpy(prediction), _to_numpy(reference))
+            pair_references, pair_predictions, pair_counts = pixel_pairs(prediction, reference)
             if len(pair_counts) == 0:  # an empty map still counts as an image
                 pair_references, pair_predictions, pair_counts = (np.array([-1]), np.array([-1]), np.array([0]))
             first_pair = np.zeros(len(pair_counts), dtype=np.int64)
@@ -219,9 +267,3 @@ class ImageNetSMeanIoU(evaluate.Metric):
             results = {key: float(value) if np.ndim(value) == 0 else value for key, value in results.items()}
         results["num_images"] = num_images
         return results
-
-
-def _to_numpy(array):
-    if hasattr(array, "detach"):  # torch tensor, without importing torch here
-        return array.detach().cpu().numpy()
-    return np.asarray(array)

@@ -1,0 +1,164 @@
+"""What every script in scripts/ promises its user: a mistake ends in one line and a non-zero exit status.
+
+- A usage error (argparse, or a script's own check of its arguments through `parser.error`) exits 2 with
+  `<script>: error: <what> (see --help)`, without argparse's usage dump.
+- A runtime error exits 1 with `<script>: error: <message>` on stderr, without a traceback.
+- Ctrl-C exits 130 with `<script>: <message>` when the KeyboardInterrupt carries one (the training loop's names the
+  iteration reached, the last complete checkpoint and the command that resumes), `<script>: interrupted` otherwise.
+- `--debug` (every parser made here has it) or the environment variable IMAGENETS_DEBUG=1 lets the exception
+  through, traceback included (also one a script turned into a usage error; argparse's own have none).
+
+Which exceptions are user errors: ValueError (bad values and bad file contents: `ImageNetSDataError`, `RecipeError`,
+`RunFolderError`, `ListFileError`, ...), OSError (`FileNotFoundError`, `FileExistsError`, `PermissionError`,
+network errors), FloatingPointError (`NonFiniteLossError`) and ImportError (a missing optional dependency, such as
+matplotlib for a chart). The library raises these at the source with a message that names the input and the way
+out, so the message is printed as it is. Anything else is a bug or something unforeseen: it is one line too, with
+the exception's type and a pointer to --debug.
+
+A message is one line. The library's only multi-line messages list the files concerned under their first line,
+indented (`MissingFilesError`, `ImageNetSDataError` for several bad files): those listed lines are kept below the
+error line; any other line break is joined into the one line.
+
+An exception raised in a DataLoader worker is shown by what the worker raised (torch puts the worker's traceback in
+its message).
+
+Scripts use it like this:
+
+    @cli.entry_point
+    def main(argv=None) -> int | None:
+        parser = cli.ArgumentParser(description=__doc__)
+        ...
+        args = parser.parse_args(argv)
+        if args.no_progress:
+            cli.disable_progress_bars()
+        ...
+
+    if __name__ == "__main__":
+        sys.exit(main())
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "IMAGENETS_DEBUG"
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+EXIT_RUNTIME_ERROR = 1
+EXIT_USAGE_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+# torch re-raises an exception from a DataLoader worker with the worker's whole traceback as its message.
+_WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) and the `--debug` flag. Descriptions keep their line breaks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            DEBUG_FLAG,
+            action="store_true",
+            help=f"on an error, show the full traceback instead of one line (or set {DEBUG_ENV}=1)",
+        )
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for --debug in `error`
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        handled = sys.exc_info()[1]  # a library error a script turned into a usage error (e.g. a bad recipe value)
+        if handled is not None and not isinstance(handled, argparse.ArgumentError):
+            if debug_requested(getattr(self, "_argv", sys.argv[1:])):
+                raise handled
+        self.exit(EXIT_USAGE_ERROR, f"{self.prog}: error: {error_lines(message)[0]} (see --help)\n")
+
+
+def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap a script's `main(argv)`: the wrapped function returns the exit status (None from `main` is 0) and turns
+    every error into one line (see the module docstring). Usage errors still raise SystemExit(2) from argparse."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        if debug_requested(sys.argv[1:] if argv is None else argv):
+            return main(argv) or 0
+        try:
+            return main(argv) or 0
+        except KeyboardInterrupt as interrupt:
+            _print_lines([str(interrupt).strip() or "interrupted"], prefix="")
+            return EXIT_INTERRUPTED
+        except Exception as error:  # every error ends in one line; --debug shows the traceback
+            _print_lines(error_lines(error), prefix="error: ")
+            return EXIT_RUNTIME_ERROR
+
+    return run
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """True when IMAGENETS_DEBUG=1 or the arguments hold --debug (or an abbreviation argparse would take for it)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    for argument in argv:
+        if argument == "--":
+            break
+        if len(argument) > 2 and DEBUG_FLAG.startswith(argument):
+            return True
+    return False
+
+
+def error_lines(error: BaseException | str) -> list[str]:
+    """The error line (first) and any listed lines below it; see the module docstring."""
+    message = error if isinstance(error, str) else _message(error)
+    first, *rest = message.strip().splitlines() or [""]
+    lines = [first.strip()]
+    for line in rest:
+        if line.startswith((" ", "\t")) and line.strip():
+            lines.append(line.rstrip())  # a listed item under the error line
+        elif line.strip():
+            lines[0] = f"{lines[0]} {line.strip()}"
+    if not isinstance(error, (str, *USER_ERRORS)):
+        lines[0] = f"{type(error).__name__}: {lines[0]} (unexpected error; rerun with {DEBUG_FLAG} for the traceback)"
+    return lines
+
+
+def _message(error: BaseException) -> str:
+    message = str(error)
+    if _WORKER_TRACEBACK.match(message):
+        # keep what the worker raised: the traceback's last "Type: message" line and what follows it
+        name = re.escape(type(error).__name__)
+        found = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", message, re.MULTILINE))
+        if found:
+            message = message[found[-1].end() :]
+    if isinstance(error, KeyError) and message.startswith(("'", '"')):
+        message = message[1:-1]  # KeyError's str() is the repr of its argument
+    return message or type(error).__name__
+
+
+def _print_lines(lines: list[str], prefix: str) -> None:
+    sys.stdout.flush()  # what the script printed before comes first
+    prog = os.path.basename(sys.argv[0]) or "imagenets_hf"
+    print(f"{prog}: {prefix}{lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def disable_progress_bars() -> None:
+    """Hide the bars the Hugging Face libraries draw on their own: datasets (Arrow cache generation, shard writing),
+    transformers (loading and writing weights) and huggingface_hub (downloads). The project's own bars are turned
+    off by the `progress=False` argument of the library functions."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
