@@ -17,6 +17,7 @@ import re
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -242,12 +243,21 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         encoder = self.encoder
         p = self.patch_size
         height, width = pixel_values.shape[-2:]
-        pad_h, pad_w = (-height) % p, (-width) % p
-        if pad_h or pad_w:
-            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # bottom/right, zeros, as mmseg
-        grid = ((height + pad_h) // p, (width + pad_w) // p)
+        # Ceil division, not `(-height) % p`: under torch.compile with dynamic sizes (evaluation, one image at a
+        # time) a modulo of a symbolic size fails in inductor ("TensorReferenceAnalysis has no attribute python_mod").
+        grid = ((height + p - 1) // p, (width + p - 1) // p)
+        pad_h, pad_w = grid[0] * p - height, grid[1] * p - width
+        # Bottom/right, zeros, as mmseg. Unconditional (a zero pad is a copy): branching on the padding would make
+        # torch.compile compile one graph per case.
+        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
 
-        x = encoder.patch_embed(pixel_values)  # (B, h*w, C)
+        patch_embed = encoder.patch_embed
+        if type(patch_embed) is PatchEmbed and patch_embed.flatten:
+            # PatchEmbed.forward minus its divisibility check (the input is padded above), whose f-string message
+            # makes torch.compile specialise on every input size
+            x = patch_embed.norm(patch_embed.proj(pixel_values).flatten(2).transpose(1, 2))  # (B, h*w, C)
+        else:
+            x = patch_embed(pixel_values)
         prefix = []
         if encoder.cls_token is not None:
             prefix.append(encoder.cls_token.expand(x.shape[0], -1, -1))
