@@ -100,5 +100,5 @@ def test_fp16_step_with_grad_scaler_updates_the_weights():
 
 def test_data_path_rates():
     rates = measure_data_path(load_recipe("mae-base-pretrained", {"crop_size": 64}), num_images=2, passes=1)
-    assert set(rates) == {"worker_samples_per_s"}
+    assert set(rates) == {"worker_samples_per_s", "device_samples_per_s"}
     assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())

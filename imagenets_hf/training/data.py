@@ -1,21 +1,38 @@
-"""Training data: an endless, seeded, process-sharded stream of augmented train-semi samples.
+"""Training data: an endless, seeded, process-sharded stream of augmented train-semi batches, made either in
+DataLoader workers (`build_train_dataloader`) or on the training device (`DeviceBatchStream`).
 
 The stream is a sequence of global positions 0, 1, 2, ...: position p is the (p mod n)-th entry of the permutation
-of epoch p // n (a `torch.randperm` seeded by (seed, epoch)), and its augmentation is drawn from a generator seeded
-by (seed, p). Process r of P takes positions r, r + P, r + 2P, ...; so iteration t of any run always trains on
-positions [t * B, (t + 1) * B) with B the global batch, whatever the process count, the accumulation or the number of
-DataLoader workers, and a resumed run (`accelerate.skip_first_batches`) sees exactly what an uninterrupted one does.
+of epoch p // n (a `torch.randperm` seeded by (seed, epoch)), and its augmentation is drawn from (seed, p)
+(`imagenets_hf.data.augment.draw_params`; torch's generator seeded by (seed, p) for the torchvision pipeline).
+Process r of P takes positions r, r + P, r + 2P, ...; so iteration t of any run always trains on positions
+[t * B, (t + 1) * B) with B the global batch, whatever the process count, the accumulation, the number of DataLoader
+workers or where the augmentation runs, and a resumed run (which skips the batches already used, by index) sees
+exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cv2
+import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from imagenets_hf.data.augment import (
+    AugmentConfig,
+    augment_encoded_samples,
+    decode_annotation,
+    decode_image_bgr,
+    draw_params,
+    open_image,
+)
+from imagenets_hf.data.augment_device import PixelStore, augment_batch
 from imagenets_hf.data.transforms import to_tv_tensors
 
 # Large odd constants mixing (seed, position) into one 63-bit generator seed (splitmix-like, no collisions in
@@ -25,7 +42,7 @@ _MIX_B = 0xBF58476D1CE4E5B9
 
 
 def sample_seed(seed: int, position: int) -> int:
-    """Generator seed of the augmentation of global stream position `position`."""
+    """torch generator seed of the torchvision pipeline's augmentation of stream position `position`."""
     value = (seed * _MIX_A + position * _MIX_B + 0x94D049BB133111EB) & ((1 << 64) - 1)
     value ^= value >> 31
     return value & ((1 << 63) - 1)
@@ -44,91 +61,243 @@ class InfiniteShardedSampler(Sampler):
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self._orders: dict[int, np.ndarray] = {}
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.dataset_size)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices of epoch `epoch`, in stream order."""
+        if epoch not in self._orders:
+            if not self.shuffle:
+                order = torch.arange(self.dataset_size)
+            else:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(self.dataset_size, generator=generator)
+            self._orders = {epoch: order.numpy()}  # epochs are visited in order: keep one
+        return self._orders[epoch]
+
+    def positions(self, first_draw: int, count: int) -> np.ndarray:
+        """The global positions of this process's draws first_draw .. first_draw + count - 1."""
+        return self.rank + self.world_size * np.arange(first_draw, first_draw + count, dtype=np.int64)
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        """The dataset index at each global position."""
+        epochs = positions // self.dataset_size
+        indices = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            selected = epochs == epoch
+            indices[selected] = self.epoch_order(int(epoch))[positions[selected] % self.dataset_size]
+        return indices
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.rank
-        epoch, order = 0, self._epoch_order(0)
+        draw = 0
         while True:
-            if position // self.dataset_size != epoch:
-                epoch = position // self.dataset_size
-                order = self._epoch_order(epoch)
-            yield int(order[position % self.dataset_size]), position
-            position += self.world_size
+            positions = self.positions(draw, self.dataset_size)
+            yield from zip(self.indices(positions).tolist(), positions.tolist())
+            draw += self.dataset_size
+
+
+def encoded_rows(rows: Any) -> Any:
+    """A `datasets.Dataset` of train-semi rows whose image and annotation come as encoded bytes (decoded by the
+    augmentation itself: a JPEG can then be decoded at a reduced scale); other row containers unchanged."""
+    if isinstance(rows, datasets.Dataset):
+        for column in ("image", "annotation"):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows
 
 
 class AugmentedSegmentationDataset(Dataset):
-    """Rows with `image` and `annotation` (a `datasets.Dataset`) -> {"pixel_values", "labels"} after `transform`.
+    """Rows with `image` and `annotation` -> augmented {"pixel_values", "labels"}, a batch at a time.
 
-    Indexed by `(index, position)` from `InfiniteShardedSampler`: the augmentation of a sample is seeded by
-    (seed, position) inside `torch.random.fork_rng`, so it does not depend on the worker and leaves the caller's
-    random state untouched. A plain int index uses position = index.
+    Keyed by `(index, position)` pairs from `InfiniteShardedSampler` (a plain int key uses position = index);
+    `__getitems__` makes a whole batch (what the DataLoader asks for), `__getitem__` one sample. `augmentation` is an
+    `AugmentConfig` (the published pipeline, draws from (seed, position)) or a torchvision transform (seeded by
+    `sample_seed(seed, position)` inside `torch.random.fork_rng`, so the caller's random state is untouched).
     """
 
-    def __init__(self, rows: Any, transform: Callable, seed: int = 0):
-        self.rows = rows
-        self.transform = transform
+    def __init__(self, rows: Any, augmentation: AugmentConfig | Callable, seed: int = 0, allow_draft: bool = True):
+        self.rows = encoded_rows(rows)
+        self.augmentation = augmentation
         self.seed = seed
+        self.allow_draft = allow_draft
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, position = (key, key) if isinstance(key, int) else key
-        row = self.rows[int(index)]
-        if row.get("annotation") is None:
-            raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
+        batch = self.__getitems__([key])
+        return {name: value[0] for name, value in batch.items()}
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> dict[str, torch.Tensor]:
+        pairs = [(key, key) if isinstance(key, int) else key for key in keys]
+        indices = [int(index) for index, _ in pairs]
+        positions = [int(position) for _, position in pairs]
+        rows = [self.rows[index] for index in indices]
+        for row, index in zip(rows, indices):
+            if row.get("annotation") is None:
+                raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
         try:
-            image, mask = to_tv_tensors(row["image"], row["annotation"])
+            if isinstance(self.augmentation, AugmentConfig):
+                return augment_encoded_samples(
+                    self.augmentation,
+                    self.seed,
+                    positions,
+                    [row["image"] for row in rows],
+                    [row["annotation"] for row in rows],
+                    allow_draft=self.allow_draft,
+                )
+            samples = [self._torchvision_sample(row, position) for row, position in zip(rows, positions)]
         except ValueError as err:
-            raise ValueError(f"training sample {row.get('image_id', index)!r}: {err}") from err
+            names = ", ".join(repr(row.get("image_id", index)) for row, index in zip(rows, indices))
+            raise ValueError(f"training samples {names}: {err}") from err
+        return {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+
+    def _torchvision_sample(self, row: dict[str, Any], position: int) -> dict[str, torch.Tensor]:
+        image, mask = to_tv_tensors(open_image(row["image"]), open_image(row["annotation"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, position))
-            image, mask = self.transform(image, mask)
+            image, mask = self.augmentation(image, mask)
         return {
             "pixel_values": image.as_subclass(torch.Tensor).contiguous(),
             "labels": mask.as_subclass(torch.Tensor).long().contiguous(),
         }
 
 
+def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """collate_fn: `__getitems__` already made the batch."""
+    return batch
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per worker)."""
+    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per worker);
+    one OpenCV thread per worker."""
     import random
 
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    cv2.setNumThreads(1)
 
 
 def build_train_dataloader(
     rows: Any,
-    transform: Callable,
+    augmentation: AugmentConfig | Callable,
     batch_size: int,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 4,
 ) -> DataLoader:
-    """An endless DataLoader of augmented samples for process `rank` of `world_size` (loaded in worker processes).
+    """An endless DataLoader of augmented batches for process `rank` of `world_size`, made in worker processes.
 
     It has its own generator, so creating its iterator does not consume the global torch random state (which a
     resumed run restores from the checkpoint).
     """
-    dataset = AugmentedSegmentationDataset(rows, transform, seed=seed)
+    dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed)
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
+        collate_fn=_keep_batch,
         num_workers=num_workers,
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed + rank),
         persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-        drop_last=True,
+        prefetch_factor=2 if num_workers > 0 else None,
     )
+
+
+# -- the device path ------------------------------------------------------------------------------------------------
+
+
+def decode_store(rows: Any, threads: int | None = None) -> PixelStore:
+    """Decode every row's image (full size, RGB) and mask once into a host `PixelStore` (uint8 planes + int16 ids),
+    with a thread pool (OpenCV and PIL decode without the GIL)."""
+    rows = encoded_rows(rows)
+    count = len(rows)
+    threads = threads or max(1, min(16, (os.cpu_count() or 1)))
+
+    def decode(index: int) -> tuple[np.ndarray, np.ndarray]:
+        row = rows[index]
+        mask = decode_annotation(row["annotation"])
+        image = cv2.cvtColor(decode_image_bgr(row["image"], mask.shape), cv2.COLOR_BGR2RGB)
+        return image, mask
+
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = list(pool.map(decode, range(count)))
+    return PixelStore.pack([image for image, _ in decoded], [mask for _, mask in decoded])
+
+
+class DeviceBatchStream:
+    """Endless augmented batches made on `device` from a decoded store (no DataLoader workers): the same stream
+    positions as `build_train_dataloader` for the same (seed, rank, world_size, batch_size), the same draws.
+
+    The store is moved to `device` when it fits (at most `max_device_fraction` of the free device memory) and kept
+    in pinned host memory otherwise, in which case each batch's images are copied to the device first. `skip(n)`
+    skips the first n batches (what a resumed run consumed) without touching pixels.
+    """
+
+    def __init__(
+        self,
+        store: PixelStore,
+        config: AugmentConfig,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        max_device_fraction: float = 0.5,
+    ):
+        self.config = config
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.sampler = InfiniteShardedSampler(len(store), seed=seed, rank=rank, world_size=world_size)
+        self.batches_made = 0
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.on_device = store.nbytes <= max_device_fraction * free
+            self.store = store.to(self.device) if self.on_device else store.to("cpu", pin_memory=True)
+        else:
+            self.on_device = True
+            self.store = store.to(self.device)
+
+    @property
+    def where(self) -> str:
+        return f"on {self.device}" if self.on_device else "in pinned host memory"
+
+    def skip(self, batches: int) -> DeviceBatchStream:
+        self.batches_made += batches
+        return self
+
+    def __iter__(self) -> DeviceBatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        positions = self.sampler.positions(self.batches_made * self.batch_size, self.batch_size)
+        indices = self.sampler.indices(positions)
+        self.batches_made += 1
+        batch = self.store.subset(indices)
+        if not self.on_device:
+            batch = batch.compact(self.device)
+        params = draw_params(self.config, self.seed, positions, batch.heights, batch.widths)
+        return augment_batch(self.config, batch, params)
+
+
+def build_device_stream(
+    rows: Any,
+    config: AugmentConfig,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    log: Callable[[str], Any] = print,
+) -> DeviceBatchStream:
+    """Decode train-semi into a store, put it on `device` (or pinned host memory) and say where and how big."""
+    started = time.perf_counter()
+    store = decode_store(rows)
+    stream = DeviceBatchStream(store, config, batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
+    log(
+        f"Decoded {len(store)} train-semi images into a {store.nbytes / 2**20:.1f} MiB uint8 store {stream.where} in "
+        f"{time.perf_counter() - started:.1f} s; augmenting batches there (no DataLoader workers)"
+    )
+    return stream

@@ -23,14 +23,14 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from imagenets_hf.data.transforms import train_transform_from_recipe
+from imagenets_hf.data.transforms import train_augmentation_from_recipe
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
     newest_complete_checkpoint,
     save_checkpoint,
 )
-from imagenets_hf.training.data import build_train_dataloader
+from imagenets_hf.training.data import build_device_stream, build_train_dataloader
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
@@ -308,6 +308,30 @@ def finetune(
     return finish_run(run, result, progress)
 
 
+def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, skip: int) -> Iterator[dict]:
+    """This process's endless stream of training batches, the first `skip` (what a resumed run consumed) skipped by
+    index: made on the training device (`recipe.augment_on_device`) or in DataLoader workers."""
+    augmentation = train_augmentation_from_recipe(recipe)
+    common = dict(
+        batch_size=recipe.per_device_batch_size,
+        seed=recipe.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    if recipe.augment_on_device:
+        if recipe.pipeline != "mmseg":
+            raise ValueError(
+                f"augment_on_device runs the published mmseg pipeline; recipe pipeline is {recipe.pipeline!r} "
+                "(pass --augment-on-device false or --pipeline mmseg)"
+            )
+        stream = build_device_stream(
+            train_rows, augmentation, device=accelerator.device, log=accelerator.print, **common
+        )
+        return stream.skip(skip)
+    loader = build_train_dataloader(train_rows, augmentation, num_workers=recipe.num_workers, **common)
+    return iter(accelerator.skip_first_batches(loader, skip))
+
+
 def setup_run(
     recipe: Recipe, resume: str | None, overwrite: bool, make_mini_dataset: bool, progress: bool = True
 ) -> TrainingRun:
@@ -369,17 +393,7 @@ def setup_run(
     accelerator.register_for_checkpointing(scheduler, training_progress)
     last_checkpoint = restore_checkpoint(accelerator, recipe, resume, training_progress) if resume else None
 
-    loader = build_train_dataloader(
-        train_rows,
-        train_transform_from_recipe(recipe),
-        batch_size=recipe.per_device_batch_size,
-        seed=recipe.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        num_workers=recipe.num_workers,
-    )
-    # Skip what the interrupted run consumed (indices only: nothing is decoded).
-    loader = accelerator.skip_first_batches(loader, training_progress.iteration * accumulation)
+    batches = build_batches(recipe, train_rows, accelerator, skip=training_progress.iteration * accumulation)
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams)
@@ -390,7 +404,7 @@ def setup_run(
         optimizer=optimizer,
         scheduler=scheduler,
         progress=training_progress,
-        batches=iter(loader),
+        batches=batches,
         image_processor=build_image_processor(recipe),
         val_rows=val_rows,
         names=names,
