@@ -398,6 +398,19 @@ def test_device_stream_matches_the_dataloader_and_resumes_exactly(realistic):
     assert torch.equal(again["pixel_values"], batches[3]["pixel_values"])
 
 
+def test_a_compacted_batch_augments_like_the_full_store(realistic):
+    """What the device path does with a store in pinned host memory: copy only the batch's pixels, then augment."""
+    config = AugmentConfig()
+    store = store_of(realistic[:8])
+    index = np.array([5, 2, 2, 7])
+    params = draw_params(config, 0, np.arange(4), store.heights[index], store.widths[index])
+    whole = augment_batch(config, store.subset(index), params)
+    compact = store.subset(index).compact("cpu")
+    assert compact.pixels.shape[1] < store.pixels.shape[1]
+    again = augment_batch(config, compact, draw_params(config, 0, np.arange(4), compact.heights, compact.widths))
+    assert torch.equal(whole["pixel_values"], again["pixel_values"]) and torch.equal(whole["labels"], again["labels"])
+
+
 def test_decoding_refuses_a_mask_of_another_size(realistic):
     row = realistic[0]
     mask = decode_annotation(row["annotation"])

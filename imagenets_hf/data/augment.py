@@ -141,9 +141,6 @@ class AugmentParams:
     def __len__(self) -> int:
         return len(self.ratio)
 
-    def tensor(self, name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.as_tensor(getattr(self, name), device=device, dtype=dtype)
-
     def subset(self, index: np.ndarray) -> AugmentParams:
         return AugmentParams(**{k: (v[index] if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()})
 

@@ -198,31 +198,43 @@ class OpenCVPipeline:
 def _rate(step, count: int, repeats: int) -> float:
     """Samples/s of `step()` producing `count` samples, best of `repeats` timed calls after an untimed one (the best
     call is the least disturbed by other work on a shared machine)."""
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
+    return _interleaved_rates({"step": step}, count, repeats)["step"]
+
+
+def _interleaved_rates(steps: dict[str, Any], count: int, repeats: int) -> dict[str, float]:
+    """Samples/s of each `steps[name]()` producing `count` samples: one untimed call each, then `repeats` rounds
+    calling every contender once in turn (so a slow spell of a shared machine hits them alike), best call each."""
+    best = dict.fromkeys(steps, float("inf"))
+    for step in steps.values():
         step()
-        best = min(best, time.perf_counter() - started)
-    return count / best
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: count / seconds for name, seconds in best.items()}
 
 
-def measure_worker_path(config: AugmentConfig, rows: list[dict], batch_size: int = 32, repeats: int = 3) -> float:
-    """Samples/s of our DataLoader-worker path on `rows`, one thread, a batch of `batch_size` at a time."""
+def worker_path_step(config: AugmentConfig, rows: list[dict], batch_size: int = 32):
+    """A callable running our DataLoader-worker path over `rows` (one thread), with new stream positions each call."""
     images = [row["image"] for row in rows]
     annotations = [row["annotation"] for row in rows]
     calls = {"n": 0}
 
     def step():
         for start in range(0, len(rows), batch_size):
-            first = calls["n"] * len(rows) + start  # new positions each call: new draws
             end = min(start + batch_size, len(rows))
-            augment_encoded_samples(
-                config, 0, list(range(first, first + end - start)), images[start:end], annotations[start:end]
-            )
+            first = calls["n"] * len(rows) + start
+            positions = list(range(first, first + end - start))
+            augment_encoded_samples(config, 0, positions, images[start:end], annotations[start:end])
         calls["n"] += 1
 
-    return _rate(step, len(rows), repeats)
+    return step
+
+
+def measure_worker_path(config: AugmentConfig, rows: list[dict], batch_size: int = 32, repeats: int = 3) -> float:
+    """Samples/s of our DataLoader-worker path on `rows`, one thread, a batch of `batch_size` at a time."""
+    return _rate(worker_path_step(config, rows, batch_size), len(rows), repeats)
 
 
 def measure_device_path(
@@ -256,12 +268,17 @@ def run_data_benchmark(
     cv2.setNumThreads(1)
     rows = realistic_samples(images)
     config = AugmentConfig(crop_size=crop_size)
-    rates = {
-        "worker": measure_worker_path(config, rows, batch_size, repeats),
-        "pil": _rate(lambda: [PilPipeline(crop=crop_size)(row) for row in rows], len(rows), repeats),
-        "opencv": _rate(lambda: [OpenCVPipeline(crop=crop_size)(row) for row in rows], len(rows), repeats),
-        "device_cpu": measure_device_path(config, rows, torch.device("cpu"), batch_size, repeats),
-    }
+    pil, opencv = PilPipeline(crop=crop_size), OpenCVPipeline(crop=crop_size)
+    rates = _interleaved_rates(
+        {
+            "worker": worker_path_step(config, rows, batch_size),
+            "pil": lambda: [pil(row) for row in rows],
+            "opencv": lambda: [opencv(row) for row in rows],
+        },
+        len(rows),
+        repeats,
+    )
+    rates["device_cpu"] = measure_device_path(config, rows, torch.device("cpu"), batch_size, repeats)
     if torch.cuda.is_available():
         # On a GPU the batch is the recipe's, and the store holds the images many times over (as train-semi 919's
         # 9,190 images would) so the gathers see a realistic memory footprint.
