@@ -19,7 +19,8 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
-from imagenets_hf.model.benchmark import DEFAULT_MODELS, DTYPES, run_model_benchmark  # noqa: E402
+from imagenets_hf.model.benchmark import DEFAULT_MODELS, run_model_benchmark  # noqa: E402
+from imagenets_hf.runtime import DTYPE_NAMES  # noqa: E402
 
 
 @cli.entry_point
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", *DTYPES],
+        choices=["auto", *DTYPE_NAMES],
         help="autocast dtype; auto: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU",
     )
     parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 8192 CUDA, 2048 CPU)")

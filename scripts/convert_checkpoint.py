@@ -31,7 +31,9 @@ def json_object(text: str) -> dict:
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="file (.pth/.pt/.bin/.safetensors), folder, URL or Hub id")
-    parser.add_argument("--encoder", required=True, help="timm encoder name, e.g. vit_base_patch16_224")
+    parser.add_argument(
+        "--encoder", required=True, help="timm encoder name, e.g. vit_base_patch16_224, vit_small_patch14_reg4_dinov2"
+    )
     parser.add_argument("--num-labels", type=int, required=True, help="classes including 'other' (920 for 919)")
     parser.add_argument("--out", required=True, help="output folder for save_pretrained")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="fcn", help="decoder preset (default: fcn)")
@@ -40,9 +42,7 @@ def build_parser() -> cli.ArgumentParser:
         "--allow-partial", action="store_true", help="load what matches even if the encoder is not fully filled"
     )
     parser.add_argument("--labels", default=None, help="text file with one class name a line (id order)")
-    parser.add_argument(
-        "--encoder-kwargs", type=json_object, default=None, help="JSON dict of timm VisionTransformer overrides"
-    )
+    parser.add_argument("--encoder-kwargs", type=json_object, default=None, help="JSON dict of timm model overrides")
     parser.add_argument("--drop-path-rate", type=float, default=None, help="encoder stochastic depth rate")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (downloads, writing weights)")
     return parser

@@ -68,7 +68,8 @@ def data_dir(tmp_path) -> Path:
         (
             ["--recipe", "nope"],
             "finetune.py: error: unknown recipe 'nope'; available: demo, mae-base-finetuned, mae-base-pretrained, "
-            "sere-small-finetuned, sere-small-pretrained (or a YAML file) (see --help)",
+            "sere-small-finetuned, sere-small-pretrained; not published for ImageNet-S: dinov2-base-fcn, "
+            "dinov2-small-linear (or a YAML file) (see --help)",
         ),
         (
             ["--max-iters", "2"],

@@ -356,7 +356,6 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         wnids = list_classes(self.config.data_dir)
         _check_class_count(Path(self.config.data_dir), self.config.name, len(wnids))
-        self._wnids = wnids
         names = class_names(self.config.data_dir, self.config.synset_words)
         return datasets.DatasetInfo(
             description=f"ImageNet-S ({self.config.name}) semantic segmentation from {self.config.data_dir}",

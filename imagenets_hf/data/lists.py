@@ -26,7 +26,6 @@ from pathlib import Path
 
 from imagenets_hf.data.masks import SUBSETS
 
-OFFICIAL_REPOSITORY = "LUSSeg/ImageNet-S"
 OFFICIAL_LISTS_URL = "https://raw.githubusercontent.com/LUSSeg/ImageNet-S/main/data"
 
 # ImageNetS919 merges five ImageNet-1k classes into others (source -> target), as the official

@@ -5,9 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import resource
 import tempfile
-import threading
 import time
 import tracemalloc
 from typing import Any
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 
 from imagenets_hf.evaluation.metrics import SegmentationEvaluator
+from imagenets_hf.runtime import RssPeak
 
 IGNORE = 1000
 
@@ -34,39 +33,6 @@ def benchmark_maps(num_images: int, height: int, width: int, num_labels: int, se
     return maps
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class _RssSampler:
-    """Peak resident memory while a block runs, sampled every few milliseconds (torch allocations are invisible to
-    tracemalloc)."""
-
-    def __enter__(self):
-        self.before = self.peak = _rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
-
-    @property
-    def growth_mb(self) -> float:
-        return self.peak - self.before
-
-
 def _measure(run) -> tuple[Any, dict[str, float]]:
     """Time a run on its own (tracemalloc slows Python-heavy code), then run it again under tracemalloc and the RSS
     sampler for the memory numbers."""
@@ -75,12 +41,12 @@ def _measure(run) -> tuple[Any, dict[str, float]]:
     value = run()
     seconds = time.perf_counter() - start
     gc.collect()
-    with _RssSampler() as rss:
+    with RssPeak() as rss:  # torch allocations are invisible to tracemalloc
         tracemalloc.start()
         run()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    return value, {"seconds": seconds, "peak_heap_mb": peak / 2**20, "rss_growth_mb": rss.growth_mb}
+    return value, {"seconds": seconds, "peak_heap_mb": peak / 2**20, "rss_growth_mb": rss.growth_bytes / 2**20}
 
 
 def run_metric_benchmark(num_images=200, height=375, width=500, num_labels=920, seed=0) -> dict[str, Any]:

@@ -18,25 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask
 from imagenets_hf.evaluation.metrics import SIZE_BUCKET_NAMES, SegmentationEvaluator
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "no": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from "fp32"/"bf16"/"fp16" (or their long names, or a dtype); None stays None (full precision)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+from imagenets_hf.runtime import autocast_dtype, resolve_dtype
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -198,7 +180,7 @@ def evaluate_model(
     ignore_index = ignore_index if ignore_index is not None else getattr(config, "ignore_index", IGNORE_INDEX)
     device = next(bare_model.parameters()).device
     if dtype is None and accelerator is not None and device.type == "cuda":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+        dtype = autocast_dtype(accelerator.mixed_precision)
     rank, world_size = _process_info(accelerator)
     shard = shard_dataset(dataset, rank, world_size)
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_rows, shuffle=False)

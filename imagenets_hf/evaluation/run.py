@@ -91,8 +91,9 @@ def run_evaluation(
     from imagenets_hf.data.imagenets import load_imagenets
     from imagenets_hf.evaluation.inference import evaluate_model, format_iou_table
     from imagenets_hf.evaluation.report import plot_per_class_iou, write_metrics_json
+    from imagenets_hf.runtime import accelerator_available
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes need cpu=True
+    accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
         dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
@@ -156,8 +157,9 @@ def run_prediction(
     from accelerate import Accelerator
 
     from imagenets_hf.evaluation.submission import make_submission
+    from imagenets_hf.runtime import accelerator_available
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes need cpu=True
+    accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     if overlay and overlay_dir is None:
         overlay_dir = Path(out_dir).with_name(Path(out_dir).name + "_overlays")

@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +25,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from imagenets_hf.model import ViTFCNConfig, ViTFCNForSemanticSegmentation
+from imagenets_hf.runtime import RssPeak, resolve_device, resolve_dtype
 
 DEFAULT_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PlainViTFCN(nn.Module):
@@ -69,17 +67,14 @@ def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class PeakMemory:
     """Peak memory of the steps run inside it. CUDA: `max_memory_allocated` (everything the process holds). CPU
     (no allocator statistics for CPU tensors): `resident_bytes` (weights, optimiser state) plus the rise of the
-    process RSS sampled every 2 ms, with glibc told to mmap large blocks so freed tensors leave the RSS."""
+    process RSS (`imagenets_hf.runtime.RssPeak`, sampled every 2 ms), with glibc told to mmap large blocks so freed
+    tensors leave the RSS."""
 
     def __init__(self, device: torch.device, resident_bytes: int = 0):
         self.device = device
         self.resident_bytes = resident_bytes
         self.peak_bytes = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        self._rss = RssPeak()
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -88,26 +83,16 @@ class PeakMemory:
         else:
             set_mmap_threshold(128 * 1024)
             release_free_heap()  # memory freed by earlier steps would otherwise be reused unseen by the RSS
-            self._start = self._rss()
-            self._max = self._start
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._rss.__enter__()
         return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, self._rss())
-            time.sleep(0.002)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated()
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = self.resident_bytes + max(self._max, self._rss()) - self._start
+            self._rss.__exit__(*exc)
+            self.peak_bytes = self.resident_bytes + self._rss.growth_bytes
             # back to a large threshold (glibc's dynamic one climbs to 32 MiB) so timings are not slowed by mmap
             set_mmap_threshold(32 * 2**20)
 
@@ -289,22 +274,6 @@ def bench_encoder(
         runs["ours"]["forward_images_per_s"] / runs["timm_plain"]["forward_images_per_s"], 3
     )
     return row
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: CUDA when available, else CPU; any other name as torch.device takes it."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU; else one of DTYPES."""
-    if name != "auto":
-        if name not in DTYPES:
-            raise ValueError(f"unknown dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def format_encoder_rows(row: dict[str, Any]) -> list[str]:

@@ -11,11 +11,20 @@ from transformers import PretrainedConfig
 # ImageNet-S919: 919 classes plus "other".
 DEFAULT_NUM_LABELS = 920
 
-# The two published decoders. "fcn": mmsegmentation's fcn_*_3600_imagenets919 head (one 3x3 conv on
+# The decode heads (`head`) and the feature maps each reads by default (`out_indices`; -1 = the last block).
+HEADS = ("fcn", "linear", "multilayer")
+DEFAULT_OUT_INDICES = {"fcn": [-1], "linear": [-1], "multilayer": [-4, -3, -2, -1]}
+# How the encoder runs (encoder.py): the reference recipe's ViT forward, timm's, or chosen by the encoder's kind.
+ENCODER_FORWARDS = ("auto", "reference", "timm")
+
+# The published decoders and DINOv2's. "fcn": mmsegmentation's fcn_*_3600_imagenets919 head (one 3x3 conv on
 # cat([x, x]) + BatchNorm + ReLU, then a 1x1 classifier; loss averaged over all pixels). "linear":
-# ImageNetSegModel's head (only the 1x1 classifier; loss averaged over non-ignored pixels).
+# ImageNetSegModel's head (only the 1x1 classifier; loss averaged over non-ignored pixels). "multilayer" (not
+# published for ImageNet-S): DINOv2's linear segmentation evaluation head over the last four layers (BNHead:
+# concatenated maps, BatchNorm, 1x1 classifier initialised with std 0.01; loss averaged over all pixels).
 PRESETS: dict[str, dict] = {
     "fcn": {
+        "head": "fcn",
         "final_norm": True,
         "num_convs": 0,
         "kernel_size": 3,
@@ -27,6 +36,7 @@ PRESETS: dict[str, dict] = {
         "loss_average": "all",
     },
     "linear": {
+        "head": "linear",
         "final_norm": True,
         "num_convs": 0,
         "kernel_size": 3,
@@ -37,20 +47,38 @@ PRESETS: dict[str, dict] = {
         "classifier_init_std": 2e-5,
         "loss_average": "valid",
     },
+    "multilayer": {
+        "head": "multilayer",
+        "out_indices": None,
+        "final_norm": True,
+        "dropout_ratio": 0.0,
+        "classifier_init_std": 0.01,
+        "loss_average": "all",
+    },
 }
 
 LOSS_AVERAGES = ("all", "valid")
 
 
 class ViTFCNConfig(PretrainedConfig):
-    r"""Configuration of [`ViTFCNForSemanticSegmentation`]: a timm ViT encoder and an mmsegmentation-style FCN head.
+    r"""Configuration of [`ViTFCNForSemanticSegmentation`]: a timm ViT-family encoder and a decode head.
 
     Args:
-        encoder_name (`str`): timm model name of the encoder, e.g. `"vit_small_patch16_224"`, `"vit_base_patch16_224"`.
-        encoder_kwargs (`dict`): overrides passed to `timm.create_model` (timm `VisionTransformer` arguments), e.g.
+        encoder_name (`str`): timm model name of the encoder, e.g. `"vit_small_patch16_224"`, `"vit_base_patch16_224"`,
+            `"vit_small_patch14_reg4_dinov2"`, `"vit_small_patch16_dinov3"`, `"eva02_small_patch14_224"`.
+        encoder_kwargs (`dict`): overrides passed to `timm.create_model` (the model class's arguments), e.g.
             `{"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}` for a tiny model.
+        encoder_forward (`str`): `"reference"` (the ImageNet-S reference recipe's ViT forward: plain bicubic
+            position-embedding resize), `"timm"` (timm's `forward_intermediates` with dynamic image size) or
+            `"auto"` (reference for a plain ViT like the published ones, timm for DINOv2, DINOv3, EVA-02, ...; the
+            model writes back the one it runs). See `encoder.py`.
         drop_path_rate (`float`): stochastic depth rate, linearly spaced over the blocks (timm).
-        final_norm (`bool`): apply the encoder's final LayerNorm to the patch tokens.
+        head (`str`): decode head: `"fcn"` (mmsegmentation's FCNHead), `"linear"` (ImageNetSegModel's 1x1
+            classifier) or `"multilayer"` (DINOv2's BatchNorm + 1x1 classifier over concatenated layers).
+        out_indices (`list[int]` or `None`): the encoder blocks whose outputs the head reads (-1: the last);
+            `None` means the head's default (`[-1]`; `[-4, -3, -2, -1]` for `"multilayer"`). The fcn and linear
+            heads read one map.
+        final_norm (`bool`): apply the encoder's final norm to the patch tokens of every selected block.
         num_convs (`int`): number of conv + BN + ReLU layers before the classifier (mmseg FCNHead `num_convs`).
         kernel_size (`int`): kernel size of those convs and of the concat conv.
         concat_input (`bool`): concatenate the input features with the convs' output and fuse them with one more conv.
@@ -58,7 +86,8 @@ class ViTFCNConfig(PretrainedConfig):
         dropout_ratio (`float`): `Dropout2d` probability before the classifier.
         use_batchnorm (`bool`): BatchNorm after each head conv (it becomes SyncBatchNorm with
             `torch.nn.SyncBatchNorm.convert_sync_batchnorm`); without it the convs have a bias.
-        classifier_init_std (`float`): std of the truncated-normal init of the 1x1 classifier.
+        classifier_init_std (`float`): std of the truncated-normal init of the 1x1 classifier (2e-5 in the reference
+            recipe, 0.01 in DINOv2's).
         ignore_index (`int`): label id excluded from the loss.
         loss_downsample (`int`): labels are resized (nearest) to 1/`loss_downsample` of the input for the loss and
             the logits upsampled (bilinear) to that size; 1 computes the loss at full input resolution.
@@ -80,7 +109,10 @@ class ViTFCNConfig(PretrainedConfig):
         self,
         encoder_name: str = "vit_base_patch16_224",
         encoder_kwargs: dict | None = None,
+        encoder_forward: str = "auto",
         drop_path_rate: float = 0.1,
+        head: str = "fcn",
+        out_indices: list[int] | None = None,
         final_norm: bool = True,
         num_convs: int = 0,
         kernel_size: int = 3,
@@ -96,6 +128,21 @@ class ViTFCNConfig(PretrainedConfig):
     ):
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             kwargs["num_labels"] = DEFAULT_NUM_LABELS
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if encoder_forward not in ENCODER_FORWARDS:
+            raise ValueError(f"encoder_forward must be one of {ENCODER_FORWARDS}, got {encoder_forward!r}")
+        out_indices = [int(i) for i in (DEFAULT_OUT_INDICES[head] if out_indices is None else out_indices)]
+        if not out_indices:
+            raise ValueError("out_indices must name at least one encoder block")
+        if head in ("fcn", "linear") and len(out_indices) != 1:
+            raise ValueError(
+                f"the {head} head reads one feature map; out_indices must hold one index, got {out_indices}"
+            )
+        if head == "linear" and (int(num_convs) or concat_input):
+            raise ValueError(
+                "the linear head is only the 1x1 classifier (num_convs 0, concat_input false); use head 'fcn' for convs"
+            )
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
         if int(num_convs) < 0:
@@ -106,7 +153,10 @@ class ViTFCNConfig(PretrainedConfig):
             raise ValueError(f"loss_downsample must be >= 1, got {loss_downsample}")
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.encoder_forward = encoder_forward
         self.drop_path_rate = float(drop_path_rate)
+        self.head = head
+        self.out_indices = out_indices
         self.final_norm = bool(final_norm)
         self.num_convs = int(num_convs)
         self.kernel_size = int(kernel_size)
@@ -124,7 +174,8 @@ class ViTFCNConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> ViTFCNConfig:
-        """Config of a published decoder: `"fcn"` (mmsegmentation) or `"linear"` (ImageNetSegModel).
+        """Config of a decoder: `"fcn"` (mmsegmentation, published), `"linear"` (ImageNetSegModel, published) or
+        `"multilayer"` (DINOv2's 4-layer linear head).
 
         Keyword arguments override the preset (e.g. `encoder_name`, `num_labels`, `id2label`).
         """

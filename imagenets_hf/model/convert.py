@@ -1,26 +1,34 @@
-"""Import pre-trained ViT weights from the checkpoint layouts researchers hold into the model's timm encoder.
+"""Import pre-trained ViT-family weights from the checkpoint layouts researchers hold into the model's timm encoder.
 
-Conversion is a pure function from one state dict to another (timm's `checkpoint_filter_fn` style):
-`to_timm_state_dict` unwraps the container (`teacher`, `model`, `state_dict`, ...), strips wrapper prefixes
-(`module.`, `backbone.`, `vit.`, `encoder.`), maps foreign names (mmsegmentation, transformers v4 and v5) to timm
-names, takes the final norm from `fc_norm` when a fine-tuned MAE checkpoint has no `norm`, and drops what is not
-encoder (classification and projection heads, MAE decoders, mask tokens). `load_pretrained_encoder` then fits the
-result to an encoder (position-embedding grid, shapes) and refuses a checkpoint that does not fill it.
+Two steps. `convert_state_dict` (pure: one state dict to another) unwraps the container (`teacher`, `model`,
+`state_dict`, ...), strips wrapper prefixes (`module.`, `backbone.`, `vit.`, `encoder.`), flattens Meta's chunked
+DINOv2 blocks, maps the names timm does not know (mmsegmentation; transformers ViT / ViTMAE / Dinov2, v4 on disk and
+v5 in memory) to timm's or to Meta's release names, takes the final norm from `fc_norm` when a fine-tuned MAE
+checkpoint has no `norm`, and drops what is not encoder (classification, projection and MIM heads, MAE decoders,
+mask tokens). `load_pretrained_encoder` then hands the result to the `checkpoint_filter_fn` that timm keeps beside
+the encoder's model class (`vision_transformer.checkpoint_filter_fn` knows Meta's DINOv2 release files: register
+tokens, SwiGLU; `eva.checkpoint_filter_fn` knows Meta's DINOv3 files and EVA-02's), with the reference recipe's
+plain bicubic resampling, fits the result to the encoder (final norm, position-embedding grid) and refuses a
+checkpoint that does not fill every encoder tensor.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import io
 import json
+import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-from .pos_embed import resample_pos_embed
+from .pos_embed import REFERENCE_RESAMPLING, resample_pos_embed
 
 # Which sub-dict of a training checkpoint holds the weights, in order of preference. DINO's and iBOT's evaluation
 # code (eval_linear.py, eval_knn.py: `--checkpoint_key teacher`) evaluates the teacher, the EMA network that the
@@ -38,9 +46,12 @@ WRAPPER_PREFIXES = ("backbone.", "vit.", "encoder.")
 NON_ENCODER_PREFIXES = (
     "head.",  # classification head (MAE fine-tuned, timm) or DINO/iBOT projection head
     "head_dist.",
+    "dino_head.",  # DINOv2 training checkpoints: the DINO and iBOT projection heads
+    "ibot_head.",
+    "lm_head.",  # EVA-02's masked-image-modelling head
     "fc_norm.",  # only reached when `norm` exists; otherwise it becomes `norm`
     "decoder",  # MAE decoder (`decoder_embed`, `decoder_blocks`, ...) and transformers' `decoder.`
-    "mask_token",
+    "mask_token",  # MAE, DINOv2, DINOv3, EVA-02 (handed to timm's filter as a layout marker, see MARKER_KEYS)
     "masked_embed",  # iBOT's masked-image-modelling token
     "pooler.",  # transformers ViTModel pooler
     "classifier.",  # transformers ViTForImageClassification
@@ -48,6 +59,14 @@ NON_ENCODER_PREFIXES = (
     "decode_head.",
     "auxiliary_head.",
 )
+
+# Non-encoder tensors by which timm's checkpoint_filter_fn recognises a layout (Meta's DINOv2 files: `mask_token`;
+# EVA-02's masked-image-modelling files: `mask_token`, whose final norm timm moves to fc_norm). Dropped from the
+# converted state dict, but shown to the filter.
+MARKER_KEYS = ("mask_token",)
+
+# Meta's DINOv2 with block_chunks > 0 (training checkpoints): `blocks.<chunk>.<i>.` holds block i.
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\.)")
 
 _MMSEG_BLOCK_RENAMES = (
     ("ln1.", "norm1."),
@@ -59,8 +78,9 @@ _MMSEG_BLOCK_RENAMES = (
     ("ffn.layers.1.", "mlp.fc2."),
 )
 
-# transformers ViT / ViTMAE, per layer: v4 names (what save_pretrained writes, what the Hub holds) and v5 names
-# (what a v5 model's state_dict() returns in memory).
+# transformers ViT / ViTMAE / Dinov2, per layer: v4 names (what save_pretrained writes, what the Hub holds) and v5
+# names (what a v5 model's state_dict() returns in memory). Names timm shares (Dinov2's norm1, norm2, mlp.fc1,
+# mlp.fc2) are kept as they are. Dinov2's layer scale and SwiGLU map to Meta's names, which timm's filter reads.
 _HF_LAYER_RENAMES = (
     ("layernorm_before.", "norm1."),
     ("layernorm_after.", "norm2."),
@@ -68,9 +88,18 @@ _HF_LAYER_RENAMES = (
     ("intermediate.dense.", "mlp.fc1."),
     ("output.dense.", "mlp.fc2."),
     ("attention.o_proj.", "attn.proj."),
-    ("mlp.fc1.", "mlp.fc1."),
-    ("mlp.fc2.", "mlp.fc2."),
+    ("layer_scale1.lambda1", "ls1.gamma"),
+    ("layer_scale2.lambda1", "ls2.gamma"),
+    ("mlp.weights_in.", "mlp.w12."),
+    ("mlp.weights_out.", "mlp.w3."),
 )
+# transformers Dinov2 embeddings -> Meta's DINOv2 names (the position embedding keeps its class-token slot there).
+_HF_EMBEDDING_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",  # ViTMAE's are fixed sin-cos but stored: copied like any other
+    "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "register_tokens",
+}
 _HF_QKV_V4 = ("attention.attention.query.", "attention.attention.key.", "attention.attention.value.")
 _HF_QKV_V5 = ("attention.q_proj.", "attention.k_proj.", "attention.v_proj.")
 _HF_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
@@ -78,11 +107,14 @@ _HF_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 
 @dataclass
 class ConvertedStateDict:
-    """A state dict in timm `VisionTransformer` names, the layout it came from and the keys left out."""
+    """A state dict in timm names (or the release names timm's `checkpoint_filter_fn` converts: Meta's DINOv2 and
+    DINOv3, EVA-02), the layout it came from, the keys left out, and the left-out tensors that mark the layout for
+    timm's filter (`MARKER_KEYS`)."""
 
     state_dict: dict[str, torch.Tensor]
     layout: str
     ignored: list[str] = field(default_factory=list)
+    markers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,13 +207,29 @@ def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     return stripped, ignored
 
 
+def _flatten_chunked_blocks(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Meta's DINOv2 `blocks.<chunk>.<i>.` (BlockChunk: block i keeps its global index) -> `blocks.<i>.`."""
+    if not any(_CHUNKED_BLOCK.match(k) for k in state_dict):
+        return state_dict, False
+    return {_CHUNKED_BLOCK.sub(r"blocks.\1", k): v for k, v in state_dict.items()}, True
+
+
 def _detect_format(state_dict: dict[str, torch.Tensor], source: str) -> str:
     keys = state_dict.keys()
     if "embeddings.patch_embeddings.projection.weight" in keys:
+        if any(".layer_scale1." in k for k in keys):
+            return "transformers-dinov2"
         return "transformers-v5" if any(k.startswith("layers.") for k in keys) else "transformers"
     if "patch_embed.projection.weight" in keys or any(k.startswith("layers.") and ".ffn." in k for k in keys):
         return "mmseg"
     if "patch_embed.proj.weight" in keys:
+        if "storage_tokens" in keys:
+            return "dinov3"  # Meta's DINOv3 release (timm's eva.checkpoint_filter_fn converts it)
+        mask_token = state_dict.get("mask_token")
+        if "register_tokens" in keys or (mask_token is not None and mask_token.ndim == 2):
+            return "dinov2"  # Meta's DINOv2 release (timm's vision_transformer.checkpoint_filter_fn converts it)
+        if any(k.startswith("rope.freqs") or ".ffn_ln." in k or ".inner_attn_ln." in k for k in keys):
+            return "eva02"  # BAAI's EVA-02 release (timm's eva.checkpoint_filter_fn converts it)
         return "timm"
     raise ValueError(
         f"{source}: unrecognised checkpoint layout (no ViT patch embedding found under timm, mmsegmentation or "
@@ -208,14 +256,13 @@ def _from_mmseg(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _from_transformers(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Map transformers ViT / ViTMAE names (v4 on disk, v5 in memory) to timm; q, k, v are stacked into qkv."""
+    """Map transformers ViT / ViTMAE / Dinov2 names (v4 on disk, v5 in memory) to timm (Dinov2: to Meta's DINOv2
+    names, which timm's filter converts); q, k, v are stacked into qkv."""
     out: dict[str, torch.Tensor] = {}
     qkv_parts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
-        if name == "embeddings.cls_token":
-            out["cls_token"] = tensor
-        elif name == "embeddings.position_embeddings":
-            out["pos_embed"] = tensor  # ViTMAE's are fixed sin-cos but stored: copied like any other
+        if name in _HF_EMBEDDING_RENAMES:
+            out[_HF_EMBEDDING_RENAMES[name]] = tensor
         elif name.startswith("embeddings.patch_embeddings.projection."):
             out["patch_embed.proj." + name.rsplit(".", 1)[1]] = tensor
         elif name.startswith("layernorm."):
@@ -256,7 +303,8 @@ def convert_state_dict(checkpoint: dict, key: str | None = None, source: str = "
     tensors, taken, ignored = _unwrap(checkpoint, key, source)
     tensors, wrapper_ignored = _strip_wrappers(tensors)
     ignored += wrapper_ignored
-    fmt = _detect_format(tensors, source)
+    tensors, chunked = _flatten_chunked_blocks(tensors)
+    fmt = _detect_format(tensors, source) + ("+chunks" if chunked else "")
     if fmt == "mmseg":
         tensors = _from_mmseg(tensors)
     elif fmt.startswith("transformers"):
@@ -275,11 +323,13 @@ def convert_state_dict(checkpoint: dict, key: str | None = None, source: str = "
             ignored.append(name)
         else:
             state_dict[name] = tensor
-    return ConvertedStateDict(state_dict=state_dict, layout=layout, ignored=ignored)
+    markers = {name: tensors[name] for name in MARKER_KEYS if name in tensors}
+    return ConvertedStateDict(state_dict=state_dict, layout=layout, ignored=ignored, markers=markers)
 
 
 def to_timm_state_dict(state_dict: dict, key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Convert a checkpoint to timm ViT names; returns `(timm_state_dict, layout_name)`. See `convert_state_dict`."""
+    """Convert a checkpoint to timm names; returns `(timm_state_dict, layout_name)`. See `convert_state_dict` (Meta's
+    DINOv2 / DINOv3 and EVA-02 release names are left for the encoder's timm `checkpoint_filter_fn`)."""
     converted = convert_state_dict(state_dict, key=key)
     return converted.state_dict, converted.layout
 
@@ -369,19 +419,83 @@ def load_checkpoint(path_or_hub_id: str | Path) -> dict:
 # Loading into an encoder
 
 
-def _encoder_of(model_or_encoder: torch.nn.Module) -> VisionTransformer:
-    if isinstance(model_or_encoder, VisionTransformer):
+def _is_vit_family(module: Any) -> bool:
+    return isinstance(module, torch.nn.Module) and hasattr(module, "patch_embed") and hasattr(module, "blocks")
+
+
+def _encoder_of(model_or_encoder: torch.nn.Module) -> torch.nn.Module:
+    if _is_vit_family(model_or_encoder):
         return model_or_encoder
     encoder = getattr(model_or_encoder, "encoder", None)
-    if isinstance(encoder, VisionTransformer):
+    if _is_vit_family(encoder):
         return encoder
     raise TypeError(
-        f"expected a timm VisionTransformer or a model whose .encoder is one, got {type(model_or_encoder).__name__}"
+        "expected a timm ViT-family encoder (patch_embed, blocks) or a model whose .encoder is one, got "
+        f"{type(model_or_encoder).__name__}"
     )
 
 
+def timm_checkpoint_filter(encoder: torch.nn.Module):
+    """The `checkpoint_filter_fn` timm keeps beside the encoder's model class (None if its module has none)."""
+    return getattr(sys.modules.get(type(encoder).__module__), "checkpoint_filter_fn", None)
+
+
+def _apply_timm_filter(
+    converted: ConvertedStateDict, encoder: torch.nn.Module, source: str, notes: list[str]
+) -> dict[str, torch.Tensor]:
+    """Run the encoder family's timm `checkpoint_filter_fn` (with the reference recipe's plain bicubic resampling)
+    on the converted state dict plus its layout markers; note what it renamed, dropped or resized."""
+    filter_fn = timm_checkpoint_filter(encoder)
+    if filter_fn is None:
+        return converted.state_dict
+    name = f"{type(encoder).__module__.rsplit('.', 1)[-1]}.checkpoint_filter_fn"
+    parameters = inspect.signature(filter_fn).parameters
+    kwargs = {k: v for k, v in REFERENCE_RESAMPLING.items() if k in parameters}
+    given = {**converted.state_dict, **converted.markers}  # a copy: timm's DINOv2 conversion pops from its input
+    printed = io.StringIO()
+    with _timm_log_messages() as logged:  # timm logs each position / patch embedding it resizes
+        try:
+            with contextlib.redirect_stdout(printed):  # eva's filter prints when it skips a bias the model lacks
+                filtered = dict(filter_fn(dict(given), encoder, **kwargs))
+        except Exception as error:  # name the checkpoint and the filter, keep timm's reason
+            raise ValueError(
+                f"{source}: timm's {name} could not convert it: {type(error).__name__}: {error}"
+            ) from error
+    notes += [f"timm's {name}: {line.strip()}" for line in printed.getvalue().splitlines() if line.strip()]
+    removed = [k for k in given if k not in filtered]
+    added = [k for k in filtered if k not in given]
+    if removed or added:
+        notes.append(
+            f"timm's {name} converted the release layout: removed [{_compact(removed)}], added [{_compact(added)}]"
+        )
+    for message in logged:
+        if message.startswith("Resized position embedding"):
+            shapes = f"from {tuple(given['pos_embed'].shape)} to {tuple(filtered['pos_embed'].shape)}"
+            notes.append(f"pos_embed resized {shapes} by timm's {name} (plain bicubic; {message})")
+        elif message.startswith("Resized patch embedding"):
+            notes.append(f"patch_embed.proj.weight resampled by timm's {name} (FlexiViT; {message})")
+    return filtered
+
+
+@contextlib.contextmanager
+def _timm_log_messages():
+    """The INFO messages timm's loggers emit inside the block, as a list of strings."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("timm")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _fit_to_encoder(
-    state_dict: dict[str, torch.Tensor], encoder: VisionTransformer, notes: list[str]
+    state_dict: dict[str, torch.Tensor], encoder: torch.nn.Module, notes: list[str]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Encoder-dependent adjustments: where the final norm lives, the position-embedding grid."""
     target = encoder.state_dict()
@@ -398,7 +512,7 @@ def _fit_to_encoder(
     if pos_embed is not None and "pos_embed" in target and pos_embed.shape != target["pos_embed"].shape:
         wanted = target["pos_embed"].shape
         if pos_embed.ndim == 3 and pos_embed.shape[-1] == wanted[-1]:
-            num_prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
+            num_prefix = 0 if getattr(encoder, "no_embed_class", False) else encoder.num_prefix_tokens
             state_dict["pos_embed"] = resample_pos_embed(pos_embed, tuple(encoder.patch_embed.grid_size), num_prefix)
             notes.append(
                 f"pos_embed resized from {tuple(pos_embed.shape)} to {tuple(wanted)} (plain bicubic, grid "
@@ -407,13 +521,13 @@ def _fit_to_encoder(
     return state_dict, ignored
 
 
-def _config_notes(checkpoint: Any, encoder: VisionTransformer) -> list[str]:
+def _config_notes(checkpoint: Any, encoder: torch.nn.Module) -> list[str]:
     """A transformers folder says its LayerNorm eps; ViT configs default to 1e-12 where timm's ViT uses 1e-6."""
     if isinstance(checkpoint, dict) or not (Path(str(checkpoint)) / "config.json").is_file():
         return []
     config = json.loads((Path(str(checkpoint)) / "config.json").read_text())
     eps = config.get("layer_norm_eps")
-    encoder_eps = getattr(encoder.norm, "eps", None)
+    encoder_eps = getattr(getattr(encoder, "norm", None), "eps", None)
     if eps is None or encoder_eps is None or abs(eps - encoder_eps) < 1e-15:
         return []
     return [f"the checkpoint's config uses LayerNorm eps {eps:g}; the encoder uses {encoder_eps:g}"]
@@ -447,12 +561,13 @@ def load_pretrained_encoder(
     key: str | None = None,
     verbose: bool = True,
 ) -> EncoderLoadReport:
-    """Load pre-trained weights into a timm ViT encoder (or a model's `.encoder`) and report what happened.
+    """Load pre-trained weights into a timm ViT-family encoder (or a model's `.encoder`) and report what happened.
 
     `checkpoint` is anything `load_checkpoint` reads, or an already loaded dict. The checkpoint is converted with
-    `convert_state_dict` (`key` picks `teacher` / `student` / ...), the position embedding is resampled (plain
-    bicubic) when its grid differs from the encoder's, and the tensors are copied. Raises `ValueError` on any shape
-    mismatch, and, unless `allow_partial`, when an encoder tensor is missing from the checkpoint or a checkpoint
+    `convert_state_dict` (`key` picks `teacher` / `student` / ...), then by the encoder family's timm
+    `checkpoint_filter_fn` (Meta's DINOv2 / DINOv3 and EVA-02 release layouts), the position embedding is resampled
+    (plain bicubic) when its grid differs from the encoder's, and the tensors are copied. Raises `ValueError` on any
+    shape mismatch, and, unless `allow_partial`, when an encoder tensor is missing from the checkpoint or a checkpoint
     tensor has no place in the encoder: nothing is loaded then. Prints the counts and names when `verbose`.
     """
     encoder = _encoder_of(model_or_encoder)
@@ -460,10 +575,13 @@ def load_pretrained_encoder(
     raw = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     converted = convert_state_dict(raw, key=key, source=source)
     notes: list[str] = []
-    if converted.layout.endswith("+fc_norm"):
+    if converted.layout.endswith("+fc_norm") and "norm.weight" in encoder.state_dict():
         notes.append("final norm taken from fc_norm (fine-tuned MAE layout: the checkpoint has no norm.*)")
+    if "+chunks" in converted.layout:
+        notes.append("Meta's chunked blocks (blocks.<chunk>.<i>.) read as blocks.<i>.")
     notes += _config_notes(checkpoint, encoder)
-    state_dict, fit_ignored = _fit_to_encoder(converted.state_dict, encoder, notes)
+    filtered = _apply_timm_filter(converted, encoder, source, notes)
+    state_dict, fit_ignored = _fit_to_encoder(filtered, encoder, notes)
     ignored = converted.ignored + fit_ignored
     # The encoder's classification head (if it was built with one) is never used for segmentation.
     target = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
@@ -534,7 +652,8 @@ def convert_checkpoint(
 ):
     """Build a `ViTFCNForSemanticSegmentation` whose encoder holds the checkpoint's weights, save it to `out_dir`
     (safetensors, with its image processor) and return it. `preset` is `"fcn"` (mmsegmentation head), `"linear"`
-    (ImageNetSegModel head) or None (config defaults); `config_kwargs` override config fields."""
+    (ImageNetSegModel head), `"multilayer"` (DINOv2's 4-layer linear head) or None (config defaults);
+    `config_kwargs` override config fields (`out_indices`, `encoder_forward`, ...)."""
     from .configuration_vit_fcn import ViTFCNConfig
     from .image_processing_vit_fcn import ViTFCNImageProcessor
     from .modeling_vit_fcn import ViTFCNForSemanticSegmentation

@@ -1,7 +1,8 @@
-"""ViT encoder (timm) + FCN decode head (mmsegmentation's) for semantic segmentation, as a transformers model.
+"""ViT encoder (timm) + decode head for semantic segmentation, as a transformers model.
 
-Reading order: the decode head's building blocks, the `PreTrainedModel` base (weight init, flags), then the task
-model with its encoder forward and loss.
+Reading order: the decode heads (mmsegmentation's FCN head, ImageNetSegModel's linear head, DINOv2's multi-layer
+linear head; each owns its initialisation), the `PreTrainedModel` base (weight init, flags), then the task model with
+its loss. The encoder (a timm model, run at any input size) lives in `encoder.py`.
 
 This file is copied next to saved weights by `register_for_auto_class`, so it imports only torch, timm,
 transformers and siblings (relative imports): a saved folder loads with `trust_remote_code=True` where imagenets_hf
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
-import re
+from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
@@ -26,7 +24,16 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_vit_fcn import ViTFCNConfig
-from .pos_embed import resample_pos_embed
+from .encoder import (
+    build_encoder,
+    encoder_depth,
+    encoder_layer_id,
+    encoder_patch_size,
+    encoder_width,
+    feature_maps,
+    resolve_encoder_forward,
+    resolve_out_indices,
+)
 
 
 class ConvBNReLU(nn.Module):
@@ -43,9 +50,30 @@ class ConvBNReLU(nn.Module):
         return self.activate(self.bn(self.conv(x)))
 
 
+def _init_batchnorm(module: nn.Module) -> None:
+    """Unit scale, zero shift, fresh running statistics (mmcv's constant_init of norm layers)."""
+    init.ones_(module.weight)
+    init.zeros_(module.bias)
+    init.zeros_(module.running_mean)
+    init.ones_(module.running_var)
+    init.zeros_(module.num_batches_tracked)
+
+
+def _init_classifier(conv: nn.Conv2d, std: float) -> None:
+    """Truncated normal (bounds +-2 absolute, as mmcv's trunc_normal_init) with `std`, zero bias."""
+    init.trunc_normal_(conv.weight, std=std)
+    init.zeros_(conv.bias)
+
+
+def _last_map(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return features if isinstance(features, torch.Tensor) else features[-1]
+
+
 class FCNHead(nn.Module):
     """mmsegmentation's FCNHead (Long et al.) on one feature map: `num_convs` ConvBNReLU, optional concat with the
-    input and a fusing ConvBNReLU, Dropout2d, then a 1x1 classifier `conv_seg`. Parameter names follow mmseg."""
+    input and a fusing ConvBNReLU, Dropout2d, then a 1x1 classifier `conv_seg`. Parameter names follow mmseg.
+
+    Takes a map (B, C, h, w) or the encoder's list of maps (it reads the last one)."""
 
     def __init__(
         self,
@@ -57,8 +85,10 @@ class FCNHead(nn.Module):
         concat_input: bool = True,
         dropout_ratio: float = 0.0,
         use_batchnorm: bool = True,
+        classifier_init_std: float = 2e-5,
     ):
         super().__init__()
+        self.classifier_init_std = classifier_init_std
         if num_convs == 0 and channels != in_channels:
             raise ValueError(
                 f"with num_convs=0 the head width must equal the encoder width ({in_channels}), got channels={channels}"
@@ -75,11 +105,105 @@ class FCNHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_labels, kernel_size=1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        features = _last_map(features)
         x = self.convs(features)
         if self.conv_cat is not None:
             x = self.conv_cat(torch.cat([features, x], dim=1))
         return self.conv_seg(self.dropout(x))
+
+    def init_weights(self) -> None:
+        """mmcv's ConvModule init for the convs (Kaiming normal, fan_out, ReLU), BatchNorm to identity, the classifier
+        truncated normal with `classifier_init_std` (2e-5 in the reference recipe)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and module is not self.conv_seg:
+                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                _init_batchnorm(module)
+        _init_classifier(self.conv_seg, self.classifier_init_std)
+
+
+class LinearHead(FCNHead):
+    """ImageNetSegModel's head: only the 1x1 classifier `conv_seg` on the last feature map (the FCN head without
+    convs or concat, so checkpoints of either name load alike)."""
+
+    def __init__(
+        self, in_channels: int, num_labels: int, dropout_ratio: float = 0.0, classifier_init_std: float = 2e-5
+    ):
+        super().__init__(
+            in_channels,
+            in_channels,
+            num_labels,
+            num_convs=0,
+            concat_input=False,
+            dropout_ratio=dropout_ratio,
+            classifier_init_std=classifier_init_std,
+        )
+
+
+class MultiLayerHead(nn.Module):
+    """DINOv2's linear segmentation head over several layers (`BNHead` with `resize_concat`, the "4-layer" / "+ms"
+    evaluation's head): the maps concatenated along channels (resized bilinearly to the first one's size if they
+    differ), BatchNorm, Dropout2d, then a 1x1 classifier `conv_seg`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_inputs: int,
+        num_labels: int,
+        dropout_ratio: float = 0.0,
+        classifier_init_std: float = 0.01,
+    ):
+        super().__init__()
+        self.num_inputs = num_inputs
+        self.classifier_init_std = classifier_init_std
+        channels = in_channels * num_inputs
+        # A plain nn.BatchNorm2d so that torch.nn.SyncBatchNorm.convert_sync_batchnorm swaps it under DDP (DINOv2's
+        # BNHead uses SyncBatchNorm).
+        self.bn = nn.BatchNorm2d(channels)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_labels, kernel_size=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(features, torch.Tensor) or len(features) != self.num_inputs:
+            got = 1 if isinstance(features, torch.Tensor) else len(features)
+            raise ValueError(f"the multi-layer head takes a list of {self.num_inputs} feature maps, got {got}")
+        size = features[0].shape[-2:]
+        maps = [
+            x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for x in features
+        ]
+        return self.conv_seg(self.dropout(self.bn(torch.cat(maps, dim=1))))
+
+    def init_weights(self) -> None:
+        """BatchNorm to identity; the classifier with mmseg's decode-head init (normal, std 0.01 in DINOv2's configs)."""
+        _init_batchnorm(self.bn)
+        _init_classifier(self.conv_seg, self.classifier_init_std)
+
+
+def build_head(config: ViTFCNConfig, in_channels: int) -> nn.Module:
+    """The decode head `config.head` names, on maps of `in_channels` channels."""
+    if config.head == "fcn":
+        return FCNHead(
+            in_channels=in_channels,
+            channels=config.channels or in_channels,
+            num_labels=config.num_labels,
+            num_convs=config.num_convs,
+            kernel_size=config.kernel_size,
+            concat_input=config.concat_input,
+            dropout_ratio=config.dropout_ratio,
+            use_batchnorm=config.use_batchnorm,
+            classifier_init_std=config.classifier_init_std,
+        )
+    if config.head == "linear":
+        return LinearHead(in_channels, config.num_labels, config.dropout_ratio, config.classifier_init_std)
+    if config.head == "multilayer":
+        return MultiLayerHead(
+            in_channels, len(config.out_indices), config.num_labels, config.dropout_ratio, config.classifier_init_std
+        )
+    raise ValueError(f"unknown head {config.head!r}")
 
 
 class ViTFCNPreTrainedModel(PreTrainedModel):
@@ -104,24 +228,42 @@ class ViTFCNPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(*args, **kwargs)
 
     @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' pass over the modules (`_init_weights`: the encoder), then the decode head's own
+        `init_weights` (transformers calls `_init_weights` only on modules that hold parameters themselves, never on
+        the head as a whole). Both skip tensors loaded from a checkpoint.
+
+        Then timm's non-persistent buffers (rotary-embedding tables, EVA's zero k bias) are computed again:
+        `from_pretrained` builds the model without running timm's constructors' arithmetic, and the checkpoint does
+        not hold them."""
+        super().initialize_weights()
+        head = getattr(self, "decode_head", None)
+        if head is not None:
+            head.init_weights()
+        encoder = getattr(self, "encoder", None)
+        for module in encoder.modules() if encoder is not None else ():
+            if hasattr(module, "init_non_persistent_buffers"):
+                module.init_non_persistent_buffers()
+
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """timm's ViT init for the encoder, mmcv's ConvModule init for the head convs, truncated normal (std
-        `classifier_init_std`) for the classifier. Runs only on tensors not loaded from a checkpoint."""
-        if isinstance(module, VisionTransformer):
-            if module.pos_embed is not None:
+        """timm's ViT init for the encoder. Runs only on tensors not loaded from a checkpoint."""
+        head = getattr(self, "decode_head", None)
+        if head is not None and any(module is part for part in head.modules()):
+            return  # one of the head's layers: the head's own init_weights covers it (see initialize_weights)
+        if module is getattr(self, "encoder", None):
+            if getattr(module, "pos_embed", None) is not None:
                 init.trunc_normal_(module.pos_embed, std=0.02)
-            if module.cls_token is not None:
+            if getattr(module, "cls_token", None) is not None:
                 init.normal_(module.cls_token, std=1e-6)
-            if module.reg_token is not None:
+            if getattr(module, "reg_token", None) is not None:
                 init.normal_(module.reg_token, std=1e-6)
         elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            if module is getattr(getattr(self, "decode_head", None), "conv_seg", None):
-                init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
-            elif module is getattr(getattr(getattr(self, "encoder", None), "patch_embed", None), "proj", None):
+            if module is getattr(getattr(getattr(self, "encoder", None), "patch_embed", None), "proj", None):
                 # timm leaves the patch projection at PyTorch's default conv init
                 init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             else:
@@ -140,10 +282,11 @@ class ViTFCNPreTrainedModel(PreTrainedModel):
 
 
 class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
-    r"""A timm VisionTransformer encoder and an FCN decode head on its last layer's patch-token map.
+    r"""A timm ViT-family encoder and a decode head on its feature maps at `config.out_indices`.
 
-    Any input size: the input is padded bottom/right to a multiple of the patch size and the position embeddings
-    are resized with plain bicubic interpolation (the reference recipe's, not timm's antialiased one). Logits come
+    Any input size: the input is padded bottom/right to a multiple of the patch size; the published ViT-S/B resize
+    their position embeddings with plain bicubic interpolation (the reference recipe's, not timm's antialiased one),
+    other families (DINOv2, DINOv3, EVA-02, ...) run timm's own dynamic-size forward (see `encoder.py`). Logits come
     at stride p (the patch size): (B, num_labels, ceil(H/p), ceil(W/p)).
 
     Example:
@@ -164,33 +307,15 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
 
     def __init__(self, config: ViTFCNConfig):
         super().__init__(config)
-        self.encoder: VisionTransformer = timm.create_model(
-            config.encoder_name,
-            pretrained=False,
-            num_classes=0,
-            drop_path_rate=config.drop_path_rate,
-            **config.encoder_kwargs,
-        )
-        if not isinstance(self.encoder, VisionTransformer):
-            raise ValueError(
-                f"encoder_name {config.encoder_name!r} builds a {type(self.encoder).__name__}, "
-                "not a timm VisionTransformer"
-            )
-        # Padding and position-embedding resizing happen here, so the patch embedding must accept any size.
-        self.encoder.patch_embed.strict_img_size = False
-        self.encoder.patch_embed.dynamic_img_pad = False
-        embed_dim = self.encoder.embed_dim
-        channels = config.channels or embed_dim
-        self.decode_head = FCNHead(
-            in_channels=embed_dim,
-            channels=channels,
-            num_labels=config.num_labels,
-            num_convs=config.num_convs,
-            kernel_size=config.kernel_size,
-            concat_input=config.concat_input,
-            dropout_ratio=config.dropout_ratio,
-            use_batchnorm=config.use_batchnorm,
-        )
+        self.encoder = build_encoder(config.encoder_name, config.encoder_kwargs, config.drop_path_rate)
+        # The forward actually run is written back, so a saved config.json says it and later rules cannot change it.
+        config.encoder_forward = resolve_encoder_forward(self.encoder, config.encoder_forward)
+        if config.encoder_forward == "reference":
+            # Padding and position-embedding resizing happen in encoder.py, so the patch embedding takes any size.
+            self.encoder.patch_embed.strict_img_size = False
+            self.encoder.patch_embed.dynamic_img_pad = False
+        self.out_indices = resolve_out_indices(config.out_indices, encoder_depth(self.encoder))
+        self.decode_head = build_head(config, in_channels=encoder_width(self.encoder))
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
         self.post_init()
@@ -200,21 +325,19 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
     @property
     def num_layers(self) -> int:
         """Encoder depth (number of transformer blocks)."""
-        return len(self.encoder.blocks)
+        return encoder_depth(self.encoder)
 
     @property
     def patch_size(self) -> int:
-        return int(self.encoder.patch_embed.patch_size[0])
+        return encoder_patch_size(self.encoder)
 
     def get_layer_id(self, param_name: str) -> int:
-        """Layer id for layer-wise lr decay: 0 for the encoder's tokens, position embedding and patch embedding,
-        i + 1 for `encoder.blocks.i`, `num_layers + 1` for everything else (final norm, decode head)."""
+        """Layer id for layer-wise lr decay: 0 for the encoder's tokens (class, register, mask), position, patch and
+        rotary embedding, i + 1 for `encoder.blocks.i` (layer scale included), `num_layers + 1` for everything else
+        (final norm, decode head). The rule: `encoder.encoder_layer_id`."""
         name = param_name.removeprefix("module.")
-        if re.match(r"^encoder\.(cls_token|reg_token|pos_embed|patch_embed|norm_pre)", name):
-            return 0
-        match = re.match(r"^encoder\.blocks\.(\d+)\.", name)
-        if match:
-            return int(match.group(1)) + 1
+        if name.startswith("encoder."):
+            return encoder_layer_id(name.removeprefix("encoder."), self.num_layers)
         return self.num_layers + 1
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
@@ -232,64 +355,29 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
+    def forward_feature_maps(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
+        """Encoder forward at any input size: the feature maps (B, C, ceil(H/p), ceil(W/p)) at `config.out_indices`
+        and, if asked, the token sequences (see `encoder.feature_maps`)."""
+        self._sync_attn_implementation()
+        return feature_maps(
+            self.encoder,
+            pixel_values,
+            self.out_indices,
+            final_norm=self.config.final_norm,
+            forward=self.config.encoder_forward,
+            output_hidden_states=output_hidden_states,
+            checkpoint_fn=self._gradient_checkpointing_func,
+        )
+
     def forward_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Encoder forward at any input size: returns the last layer's patch-token map (B, C, ceil(H/p), ceil(W/p))
-        and, if asked, the token sequences after the embedding and after each block."""
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}")
-        self._sync_attn_implementation()
-        encoder = self.encoder
-        p = self.patch_size
-        height, width = pixel_values.shape[-2:]
-        # Ceil division, not `(-height) % p`: under torch.compile with dynamic sizes (evaluation, one image at a
-        # time) a modulo of a symbolic size fails in inductor ("TensorReferenceAnalysis has no attribute python_mod").
-        grid = ((height + p - 1) // p, (width + p - 1) // p)
-        pad_h, pad_w = grid[0] * p - height, grid[1] * p - width
-        # Bottom/right, zeros, as mmseg. Unconditional (a zero pad is a copy): branching on the padding would make
-        # torch.compile compile one graph per case.
-        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
-
-        patch_embed = encoder.patch_embed
-        if type(patch_embed) is PatchEmbed and patch_embed.flatten:
-            # PatchEmbed.forward minus its divisibility check (the input is padded above), whose f-string message
-            # makes torch.compile specialise on every input size
-            x = patch_embed.norm(patch_embed.proj(pixel_values).flatten(2).transpose(1, 2))  # (B, h*w, C)
-        else:
-            x = patch_embed(pixel_values)
-        prefix = []
-        if encoder.cls_token is not None:
-            prefix.append(encoder.cls_token.expand(x.shape[0], -1, -1))
-        if encoder.reg_token is not None:
-            prefix.append(encoder.reg_token.expand(x.shape[0], -1, -1))
-        if encoder.pos_embed is not None:
-            embed_prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
-            pos_embed = resample_pos_embed(
-                encoder.pos_embed, grid, num_prefix_tokens=embed_prefix, old_grid=tuple(encoder.patch_embed.grid_size)
-            )
-            if encoder.no_embed_class:
-                x = torch.cat(prefix + [x + pos_embed], dim=1)
-            else:
-                x = torch.cat(prefix + [x], dim=1) + pos_embed
-        else:
-            x = torch.cat(prefix + [x], dim=1)
-        x = encoder.pos_drop(x)
-        x = encoder.patch_drop(x)
-        x = encoder.norm_pre(x)
-
-        hidden_states = [x] if output_hidden_states else None
-        use_checkpointing = encoder.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in encoder.blocks:
-            x = self._gradient_checkpointing_func(block, x) if use_checkpointing else block(x)
-            if hidden_states is not None:
-                hidden_states.append(x)
-        if self.config.final_norm:
-            x = encoder.norm(x)
-
-        patch_tokens = x[:, encoder.num_prefix_tokens :]
-        feature_map = patch_tokens.transpose(1, 2).reshape(x.shape[0], x.shape[-1], grid[0], grid[1])
-        return feature_map, (tuple(hidden_states) if hidden_states is not None else None)
+        """The last selected layer's map (B, C, ceil(H/p), ceil(W/p)) (the FCN and linear heads' input) and, if
+        asked, the token sequences after the embedding and after each block."""
+        maps, hidden_states = self.forward_feature_maps(pixel_values, output_hidden_states)
+        return maps[-1], hidden_states
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross entropy (ignore `ignore_index`): labels (B, H, W) resized nearest to (H/d, W/d) (d =
@@ -318,8 +406,9 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalised images, any H and W.
         labels (`torch.LongTensor` of shape `(B, H, W)`, *optional*): class ids at input resolution
             (`config.ignore_index` = ignore); when given, the output holds the loss.
-        output_hidden_states (`bool`, *optional*): also return the encoder's token sequences (embedding output and
-            each block's output, prefix tokens included, before the final norm).
+        output_hidden_states (`bool`, *optional*): also return the encoder's token sequences, prefix tokens
+            included, before the final norm: the embedding output and each block's output (the timm forward: each
+            block's output), up to the last of `config.out_indices`.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -331,8 +420,8 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
                 f"got shape {tuple(labels.shape)}"
             )
 
-        features, hidden_states = self.forward_features(pixel_values, output_hidden_states=bool(output_hidden_states))
-        logits = self.decode_head(features)
+        maps, hidden_states = self.forward_feature_maps(pixel_values, output_hidden_states=bool(output_hidden_states))
+        logits = self.decode_head(maps)
         loss = self.compute_loss(logits, labels) if labels is not None else None
 
         if not return_dict:
@@ -341,4 +430,31 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-__all__ = ["ViTFCNForSemanticSegmentation", "ViTFCNPreTrainedModel", "FCNHead", "ConvBNReLU"]
+__all__ = [
+    "ViTFCNForSemanticSegmentation",
+    "ViTFCNPreTrainedModel",
+    "FCNHead",
+    "LinearHead",
+    "MultiLayerHead",
+    "ConvBNReLU",
+    "build_head",
+]
+
+
+def _list_in_segmentation_pipeline() -> None:
+    """Name the model among the image-segmentation pipeline's supported models (also from a trust_remote_code copy).
+
+    The pipeline checks the model's class name against copies of transformers' MODEL_FOR_*_SEGMENTATION_MAPPING_NAMES
+    tables; the copy drops the link to classes registered with `AutoModelForSemanticSegmentation.register`, so a
+    registered model ran but was logged as "not supported for image-segmentation" (an error-level record). Adding
+    the model type to the names table is what that check reads; the Auto mappings skip model types that have no
+    transformers config, so nothing else changes.
+    """
+    from transformers.models.auto import modeling_auto
+
+    names = getattr(modeling_auto, "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", None)
+    if names is not None:
+        names.setdefault(ViTFCNConfig.model_type, ViTFCNForSemanticSegmentation.__name__)
+
+
+_list_in_segmentation_pipeline()

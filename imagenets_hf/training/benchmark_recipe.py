@@ -159,7 +159,7 @@ def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed
             best = min(best, time.perf_counter() - started)
         rates = {"worker_samples_per_s": num_images / best}
         if recipe.pipeline == "mmseg":
-            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            device = resolve_device()
             config = AugmentConfig.from_recipe(recipe)
             rates["device_samples_per_s"] = measure_device_path(config, rows, device, len(rows), passes)
     finally:

@@ -500,9 +500,9 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
 def _multi_process_without_accelerator() -> bool:
     """True under a multi-process launcher on a machine without GPUs: accelerate only selects its gloo
     (MULTI_CPU) mode when asked for the CPU, otherwise each process would train alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return world_size > 1 and not has_accelerator
+    from imagenets_hf.runtime import accelerator_available
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerator_available()
 
 
 def _revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

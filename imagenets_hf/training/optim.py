@@ -1,8 +1,10 @@
 """Optimiser and schedule of the published recipe: AdamW with layer-wise lr decay, linear warmup then cosine.
 
 Layer decay follows mmsegmentation 0.x `LearningRateDecayOptimizerConstructor` (decay_type "layer_wise"):
-scale = decay ** (num_layers + 1 - layer_id) with the model's `get_layer_id` (0 for cls token, position and patch
-embedding, i + 1 for block i, num_layers + 1 for the final norm and the decode head), so 13 - layer_id for 12 blocks.
+scale = decay ** (num_layers + 1 - layer_id) with the model's `get_layer_id` (0 for the class / register / mask tokens,
+position, patch and rotary embedding, i + 1 for block i with its layer scales, num_layers + 1 for the final norm and
+the decode head; the rule is `imagenets_hf.model.encoder.encoder_layer_id`), so 13 - layer_id for 12 blocks and
+25 - layer_id for 24.
 No weight decay on biases and 1-D parameters (norms). mmseg's constructor also intends to skip `pos_embed` and
 `cls_token`, but it compares the full name (`backbone.pos_embed`) against the bare one, so in mmseg those two are in
 fact decayed; MAE / BEiT / ImageNetSegModel (`no_weight_decay()`) do skip them. `no_weight_decay_tokens=True` (the

@@ -1,6 +1,8 @@
 """Fine-tuning recipes as data: a `Recipe` dataclass and YAML files named after what they reproduce.
 
-`recipes/*.yaml` hold the published ImageNet-S recipes (mmsegmentation `fcn_*_3600_imagenets919`) and the CPU demo.
+The published defaults live once, in the `Recipe` dataclass (mmsegmentation's `fcn_*_3600_imagenets919`);
+`recipes/*.yaml` hold the published ImageNet-S recipes, each stating only its own row of the published table, and the
+CPU demo; `recipes/unpublished/*.yaml` hold recipes for other encoders (DINOv2) that no one has reported on ImageNet-S.
 Every field can be overridden: `load_recipe("mae-base-pretrained", {"lr": 1e-4, "subset": "300"})`, from a YAML file
 (`load_recipe("my.yaml")`, or overrides read with `read_overrides("my.yaml")`) or from the command line
 (`add_recipe_arguments` + `recipe_from_args`). Each field's help text and choices live in its `metadata`; a bad value
@@ -24,8 +26,11 @@ import yaml
 from imagenets_hf.data.masks import SUBSETS, num_labels
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+UNPUBLISHED_RECIPES_DIR = RECIPES_DIR / "unpublished"
 PIPELINES = ("mmseg", "imagenetsegmodel")
-HEADS = ("fcn", "linear")
+# The model's heads (imagenets_hf.model.configuration_vit_fcn.PRESETS), named here so that reading a recipe does not
+# import torch and transformers; tests/test_train_recipe_deltas.py holds the two equal.
+HEADS = ("fcn", "linear", "multilayer")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
 
@@ -48,7 +53,8 @@ def _option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str
 
 @dataclass
 class Recipe:
-    """Everything one fine-tuning run needs. Defaults are the published ImageNet-S919 MAE ViT-B/16 recipe."""
+    """Everything one fine-tuning run needs. Defaults are the published ImageNet-S919 MAE ViT-B/16 recipe: the one
+    place the published schedule, optimiser, pipeline and data are written (recipe files state their differences)."""
 
     name: str = _option("custom", help="run name: progress bar label, TensorBoard run and model card title")
     description: str = _option("", help="one-line description for the model card")
@@ -85,12 +91,22 @@ class Recipe:
         "(no DataLoader workers)",
     )
     # -- model
-    encoder_name: str = _option("vit_base_patch16_224", help="timm ViT encoder, e.g. vit_small_patch16_224")
-    encoder_kwargs: dict = _option(
-        help="timm VisionTransformer overrides, e.g. {depth: 4, embed_dim: 96} (tiny demo models)", factory=dict
+    encoder_name: str = _option(
+        "vit_base_patch16_224",
+        help="timm ViT-family encoder, e.g. vit_small_patch16_224, vit_small_patch14_reg4_dinov2, "
+        "vit_small_patch16_dinov3, eva02_small_patch14_224",
     )
-    head: str = _option("fcn", help="decode head: fcn (mmsegmentation) or linear (ImageNetSegModel)", choices=HEADS)
-    model_kwargs: dict = _option(help="further ViTFCNConfig overrides, e.g. {num_convs: 1}", factory=dict)
+    encoder_kwargs: dict = _option(
+        help="timm model overrides, e.g. {depth: 4, embed_dim: 96} (tiny demo models)", factory=dict
+    )
+    head: str = _option(
+        "fcn",
+        help="decode head: fcn (mmsegmentation), linear (ImageNetSegModel) or multilayer (DINOv2's 4-layer linear head)",
+        choices=HEADS,
+    )
+    model_kwargs: dict = _option(
+        help="further ViTFCNConfig overrides, e.g. {num_convs: 1} or {out_indices: [8, 9, 10, 11]}", factory=dict
+    )
     drop_path_rate: float = _option(0.1, help="stochastic depth rate of the encoder")
     pretrained: str | None = _option(
         None, help="encoder checkpoint: file, folder, URL or Hub id; null: train from scratch"
@@ -199,8 +215,25 @@ class Recipe:
 
 
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped in `recipes/`."""
+    """Names of the recipes shipped in `recipes/`: the published ones and the demo."""
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def unpublished_recipes() -> list[str]:
+    """Names of the recipes shipped in `recipes/unpublished/`: other encoders, no ImageNet-S result reported."""
+    return sorted(p.stem for p in UNPUBLISHED_RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path | None:
+    """The YAML file of a shipped recipe (published or unpublished), None if there is none of that name."""
+    for folder in (RECIPES_DIR, UNPUBLISHED_RECIPES_DIR):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    return None
+
+
+def _shipped_names() -> str:
+    return f"{', '.join(available_recipes())}; not published for ImageNet-S: {', '.join(unpublished_recipes())}"
 
 
 # -- field types: converting values and saying what is expected ------------------------------------------------------
@@ -312,11 +345,9 @@ def load_recipe(
         values = read_overrides(candidate)
         base = str(candidate)
     else:
-        path = RECIPES_DIR / f"{name_or_yaml}.yaml"
-        if not path.is_file():
-            raise RecipeError(
-                f"unknown recipe {str(name_or_yaml)!r}; available: {', '.join(available_recipes())} (or a YAML file)"
-            )
+        path = recipe_path(str(name_or_yaml))
+        if path is None:
+            raise RecipeError(f"unknown recipe {str(name_or_yaml)!r}; available: {_shipped_names()} (or a YAML file)")
         base = f"recipe {name_or_yaml}"
         values = read_overrides(path, base)
     origins = {key: (origins or {}).get(key, OVERRIDES_ORIGIN) for key in overrides or {}}
@@ -338,7 +369,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         default="demo",
-        help=f"recipe name ({', '.join(available_recipes())}) or a YAML file (default: demo)",
+        help=f"recipe name ({_shipped_names()}) or a YAML file (default: demo)",
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file of overrides")
     parser.add_argument(

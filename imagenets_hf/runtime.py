@@ -1,0 +1,104 @@
+"""Where the code runs, in which precision, and how much memory a step took: one home for each of these decisions.
+
+- `resolve_device`: the device a run uses when none is named (a CUDA GPU when there is one, else the CPU);
+  `accelerator_available` says whether any accelerator is there (multi-process runs without one need accelerate's
+  CPU mode).
+- `resolve_dtype` / `DTYPE_NAMES`: every precision name the command lines and recipes use ("fp32", "bf16", "fp16",
+  the long torch names, accelerate's "no") and `"auto"`; `autocast_dtype` turns accelerate's `mixed_precision`
+  into the autocast dtype evaluation uses.
+- `RssPeak`: the peak resident memory of the process while a block runs, sampled every 2 ms (CPU tensors have no
+  allocator statistics; tracemalloc does not see torch's allocations).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+
+import torch
+
+# Precision names -> torch dtypes. "no" is accelerate's name for full precision.
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "no": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """`"auto"` (or None): CUDA when available, else the CPU; any other name or device as `torch.device` takes it."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, or another backend through `torch.accelerator` where it exists)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype | None:
+    """A torch dtype from a precision name (`DTYPE_NAMES`) or a dtype; None stays None (full precision, no
+    autocast). `"auto"`: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 elsewhere (`device`
+    default: `resolve_device()`)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        device = device if device is not None else resolve_device()
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of accelerate's `mixed_precision` ("fp16", "bf16"); None for "no" / full precision."""
+    dtype = resolve_dtype(None if mixed_precision is None else str(mixed_precision))
+    return None if dtype == torch.float32 else dtype
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (Linux `/proc/self/statm`; elsewhere the peak so far, `ru_maxrss`)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssPeak:
+    """Context manager: the peak resident memory while its block runs, sampled every `interval_s` seconds in a
+    thread. `start_bytes`, `peak_bytes` and `growth_bytes` (peak - start) are set on exit."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.start_bytes = self.peak_bytes = 0
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak_bytes - self.start_bytes
+
+    def __enter__(self) -> RssPeak:
+        self.start_bytes = self.peak_bytes = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, rss_bytes())

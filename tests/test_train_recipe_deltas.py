@@ -1,0 +1,85 @@
+"""Recipes as deltas: the published defaults live once (the Recipe dataclass), each recipe file states only what
+differs; the unpublished DINOv2 recipes are marked as such and give every parameter of their real encoders the layer
+id its depth calls for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from imagenets_hf.model.configuration_vit_fcn import PRESETS
+from imagenets_hf.training.finetune import build_model
+from imagenets_hf.training.optim import layer_decay_param_groups
+from imagenets_hf.training.recipes import (
+    HEADS,
+    Recipe,
+    available_recipes,
+    load_recipe,
+    recipe_path,
+    unpublished_recipes,
+)
+
+# What a published recipe's own row of the table is (IMAGENETS.md: encoder, weights, lr, layer decay) plus its name,
+# description and output folder.
+PUBLISHED_ROW = {"name", "description", "encoder_name", "pretrained", "lr", "layer_decay", "output_dir"}
+UNPUBLISHED = {"dinov2-small-linear", "dinov2-base-fcn"}
+
+
+def stated_fields(name: str) -> dict:
+    return yaml.safe_load(recipe_path(name).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(set(available_recipes()) - {"demo"}))
+def test_published_recipe_files_state_only_their_row(name):
+    stated = stated_fields(name)
+    assert set(stated) == PUBLISHED_ROW
+    defaults = Recipe()
+    recipe = load_recipe(name)
+    for field in dataclasses.fields(Recipe):
+        if field.name not in stated:
+            assert getattr(recipe, field.name) == getattr(defaults, field.name), field.name
+
+
+def test_unpublished_recipes_are_marked_and_kept_apart():
+    assert set(unpublished_recipes()) == UNPUBLISHED
+    assert not UNPUBLISHED & set(available_recipes())
+    for name in UNPUBLISHED:
+        text = recipe_path(name).read_text()
+        assert text.startswith("# NOT PUBLISHED FOR IMAGENET-S")
+        assert "Reported mIoU" not in text  # the model card reads a reported figure from that line
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.description.startswith("Not published for ImageNet-S")
+        assert set(stated_fields(name)) <= PUBLISHED_ROW | {"head"}
+        assert (recipe.max_iters, recipe.global_batch_size, recipe.subset) == (3600, 256, "919")  # the defaults
+
+
+def test_recipe_heads_are_the_model_presets():
+    assert set(HEADS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(UNPUBLISHED))
+def test_unpublished_recipes_layer_ids_fit_their_real_encoder(name):
+    """The real encoders (built on the meta device: names and shapes without the arithmetic): 12 blocks, register
+    tokens and layer scales in the layer-decay groups with the right ids and scales."""
+    recipe = load_recipe(name)
+    with torch.device("meta"):
+        model = build_model(recipe, ["other", "goldfish", "shark"])
+    assert model.num_layers == 12 and model.config.encoder_forward == "timm"
+    assert model.config.head == recipe.head
+    ids = {name: model.get_layer_id(name) for name, _ in model.named_parameters()}
+    assert ids["encoder.reg_token"] == ids["encoder.cls_token"] == ids["encoder.pos_embed"] == 0
+    assert ids["encoder.blocks.0.ls1.gamma"] == 1 and ids["encoder.blocks.11.ls2.gamma"] == 12
+    assert ids["encoder.norm.weight"] == 13 and ids["decode_head.conv_seg.weight"] == 13
+    groups = layer_decay_param_groups(
+        model, recipe.lr, recipe.weight_decay, recipe.layer_decay, recipe.no_weight_decay_tokens
+    )
+    assert sum(len(g["params"]) for g in groups) == len(ids)
+    assert sorted({g["layer_id"] for g in groups}) == list(range(14))
+    by_param = {n: g for g in groups for n in g["param_names"]}
+    # float64 powers (default rel 1e-6); an id off by one changes the scale by 1 / layer_decay (>= 1.67x)
+    assert by_param["encoder.reg_token"]["lr_scale"] == pytest.approx(recipe.layer_decay**13)
+    assert by_param["encoder.reg_token"]["weight_decay"] == 0.0  # a token, as cls_token and pos_embed
+    assert by_param["encoder.blocks.5.ls1.gamma"]["lr_scale"] == pytest.approx(recipe.layer_decay ** (13 - 6))
