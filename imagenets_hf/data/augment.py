@@ -372,7 +372,17 @@ def decode_annotation(annotation: Any) -> np.ndarray:
         ids = decode_mask(annotation if data is None else Image.open(io.BytesIO(data)))
     if ids.size and int(ids.max()) > MAX_ID:
         raise ValueError(f"mask ids must lie in 0..{MAX_ID}, got up to {int(ids.max())}")
-    return ids.astype(np.int16, copy=False)
+    if ids.dtype == np.uint16:
+        return ids.view(np.int16)  # ids <= MAX_ID: the same bits
+    return ids.astype(np.int16)
+
+
+def _source_indices(params: AugmentParams, sample: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask row and column (nearest) under every row and column of sample `sample`'s resized frame."""
+    height, width = params.resized_height[sample : sample + 1], params.resized_width[sample : sample + 1]
+    rows = nearest_index(np.arange(height[0])[None], mask.shape[:1], height)[0]
+    columns = nearest_index(np.arange(width[0])[None], mask.shape[1:], width)[0]
+    return rows, columns
 
 
 def choose_crop(config: AugmentConfig, params: AugmentParams, sample: int, mask: np.ndarray) -> int:
@@ -380,12 +390,11 @@ def choose_crop(config: AugmentConfig, params: AugmentParams, sample: int, mask:
     if config.cat_max_ratio >= 1.0:
         return 0
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
-    resized = params.resized_height[sample : sample + 1], params.resized_width[sample : sample + 1]
+    rows, columns = _source_indices(params, sample, mask)
     for draw in range(config.max_tries):
-        rows = nearest_index(params.tops[sample, draw] + np.arange(height)[None], mask.shape[:1], resized[0])
-        columns = nearest_index(params.lefts[sample, draw] + np.arange(width)[None], mask.shape[1:], resized[1])
-        counts = np.bincount(mask[rows[0]][:, columns[0]].ravel(), minlength=MAX_ID + 1)
-        if crop_accepted(counts[None], config)[0]:
+        top, left = params.tops[sample, draw], params.lefts[sample, draw]
+        window = mask[rows[top : top + height]][:, columns[left : left + width]]
+        if crop_accepted(np.bincount(window.ravel(), minlength=MAX_ID + 1)[None], config)[0]:
             return draw
     return config.max_tries
 
@@ -407,19 +416,14 @@ def augment_sample(
     top, left = int(params.tops[sample, draw]), int(params.lefts[sample, draw])
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
     flip = bool(params.flip[sample])
-    resized_height, resized_width = (
-        params.resized_height[sample : sample + 1],
-        params.resized_width[sample : sample + 1],
-    )
-    rows = nearest_index(top + np.arange(height)[None], mask.shape[:1], resized_height)[0]
-    steps = np.arange(width)
-    columns = nearest_index(left + (steps[::-1] if flip else steps)[None], mask.shape[1:], resized_width)[0]
-    labels[:height, :width] = mask[rows][:, columns]
+    rows, columns = _source_indices(params, sample, mask)
+    columns = columns[left : left + width]
+    labels[:height, :width] = mask[rows[top : top + height]][:, columns[::-1] if flip else columns]
 
     # The resize's map from output to source pixels, restricted to the crop (mirrored when flipped):
     # x_src = (x + 0.5) * in / out - 0.5, the sample points of `interpolate` and of OpenCV's resize.
-    scale_y = image.shape[0] / float(resized_height[0])
-    scale_x = image.shape[1] / float(resized_width[0])
+    scale_y = image.shape[0] / float(params.resized_height[sample])
+    scale_x = image.shape[1] / float(params.resized_width[sample])
     first_column = left + width - 1 if flip else left
     affine = np.array(
         [
@@ -433,8 +437,9 @@ def augment_sample(
     if tables is not None:
         pixels = _photometric_distortion(pixels, tables, params, sample)
     normalise = normalisation_tables(config)
+    planes = cv2.split(pixels)  # contiguous planes: the lookups run much faster than on strided channels
     for channel in range(3):  # BGR in, RGB out
-        np.take(normalise[channel], pixels[..., 2 - channel], out=pixel_values[channel, :height, :width])
+        np.take(normalise[channel], planes[2 - channel], out=pixel_values[channel, :height, :width])
 
 
 def _photometric_distortion(pixels: np.ndarray, tables: PhotometricTables, params: AugmentParams, sample: int):
