@@ -448,9 +448,9 @@ def _photometric_distortion(pixels: np.ndarray, tables: PhotometricTables, param
         pixels = cv2.LUT(pixels, tables.before[sample])
     for on, channel, table in ((params.saturation_on, 1, tables.saturation), (params.hue_on, 0, tables.hue)):
         if on[sample]:
-            hsv = cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV)
-            hsv[..., channel] = table[sample][hsv[..., channel]]
-            pixels = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+            hsv = list(cv2.split(cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV)))
+            hsv[channel] = cv2.LUT(hsv[channel], table[sample])
+            pixels = cv2.cvtColor(cv2.merge(hsv), cv2.COLOR_HSV2BGR)
     if not params.contrast_first[sample] and params.contrast_on[sample]:
         pixels = cv2.LUT(pixels, tables.after[sample])
     return pixels
