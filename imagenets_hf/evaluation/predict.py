@@ -2,27 +2,25 @@
 
 `<images>/<wnid>/<name>.JPEG` becomes `<out>/<wnid>/<name>.png`: an RGB PNG at the original image size with
 id = R + 256 * G (what the official evaluator and the test server read). Optional overlays show
-image | ground truth (when a mask is found) | prediction.
+image | ground truth (when a mask is found) | prediction, with a legend of the classes shown (`overlays.py`).
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
 from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
+from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-OVERLAY_ALPHA = 0.55
 
 
 def list_images(images_dir: str | os.PathLike) -> list[str]:
@@ -63,37 +61,6 @@ class _ImageFolder(Dataset):
 
 def _collate(items):
     return items
-
-
-def label_palette(num_ids: int = IGNORE_INDEX + 1) -> np.ndarray:
-    """(num_ids, 3) uint8 colours: 0 ("other") black, 1000 (ignore) white, the rest well-separated hues."""
-    palette = np.zeros((num_ids, 3), dtype=np.uint8)
-    for i in range(1, num_ids):
-        hue = (i * 0.618033988749895) % 1.0  # golden-ratio steps keep neighbouring ids apart
-        saturation = 0.65 + 0.35 * ((i * 7) % 3) / 2
-        palette[i] = [int(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, 0.95)]
-    if num_ids > IGNORE_INDEX:
-        palette[IGNORE_INDEX] = 255
-    return palette
-
-
-def colorize(ids: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
-    """HxWx3 uint8 colours of an id map (ids beyond the palette wrap around)."""
-    palette = label_palette() if palette is None else palette
-    return palette[np.asarray(ids, dtype=np.int64) % len(palette)]
-
-
-def make_overlay(image: Image.Image, prediction: np.ndarray, ground_truth: np.ndarray | None = None) -> Image.Image:
-    """Side by side: the image | ground truth over the image (when given) | prediction over the image."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    panels = [rgb]
-    for ids in ([ground_truth] if ground_truth is not None else []) + [prediction]:
-        panels.append((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colorize(ids).astype(np.float32))
-    gap = np.full((rgb.shape[0], 4, 3), 255, dtype=np.float32)
-    row = [panels[0]]
-    for panel in panels[1:]:
-        row += [gap, panel]
-    return Image.fromarray(np.concatenate(row, axis=1).round().astype(np.uint8))
 
 
 def default_masks_dir(images_dir: str | os.PathLike) -> Path | None:
@@ -140,6 +107,7 @@ def predict_folder(
     if overlay_dir is not None and masks_dir is None:
         masks_dir = default_masks_dir(images_root)
     model = unwrap_model(model)
+    id2label = getattr(model.config, "id2label", None)  # names for the overlays' legend
     was_training = model.training
     model.eval()
     loader = DataLoader(
@@ -161,7 +129,7 @@ def predict_folder(
                         ground_truth = decode_mask(Path(masks_dir) / prediction_path(relative))
                     overlay_path = Path(overlay_dir) / (os.path.splitext(relative)[0] + ".jpg")
                     overlay_path.parent.mkdir(parents=True, exist_ok=True)
-                    make_overlay(image, prediction, ground_truth).save(overlay_path, quality=90)
+                    make_overlay(image, prediction, ground_truth, id2label).save(overlay_path, quality=90)
     finally:
         model.train(was_training)
     return written

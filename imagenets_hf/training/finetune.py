@@ -148,8 +148,30 @@ def evaluate(
 def write_model_card(
     output_dir: Path, recipe: Recipe, metrics: dict[str, Any] | None, table: str | None, runtime: dict[str, Any]
 ) -> Path:
-    """README.md next to the weights: what was trained, the resolved recipe and the results."""
-    miou = f"{metrics['mIoU']:.2f}" if metrics else "n/a"
+    """README.md next to the weights: a results table (this model's mIoU, its recipe, what the published recipe
+    reported, the machine), a picture of its predictions (`predictions.png`, drawn from the saved weights by
+    `imagenets_hf.evaluation.overlays.write_prediction_grid` when they are there), the per-class table and the
+    resolved recipe."""
+    import platform
+    import re
+
+    from imagenets_hf.training.recipes import RECIPES_DIR
+
+    miou = f"**{metrics['mIoU']:.2f}**" if metrics else "n/a"
+    images = f", {metrics['num_images']} images" if metrics and "num_images" in metrics else ""
+    # What the published recipe of this name reported: the header line of its YAML file (the one home of the figure).
+    reported = "-"
+    published = RECIPES_DIR / f"{recipe.name}.yaml"
+    if published.is_file():
+        found = re.search(r"^# Reported mIoU on ([^:]+): (.+)$", published.read_text(), flags=re.MULTILINE)
+        if found:
+            reported = f"{found.group(2)} on {found.group(1)}"
+    processes = runtime.get("num_processes") or 1
+    if torch.cuda.is_available():
+        machine = f"{processes} x {torch.cuda.get_device_name()}"
+    else:
+        machine = f"{processes} process(es) on a {platform.machine()} CPU ({os.cpu_count()} cores)"
+    encoder = f"`{recipe.encoder_name}`" + (f" {dict(recipe.encoder_kwargs)}" if recipe.encoder_kwargs else "")
     lines = [
         "---",
         "library_name: transformers",
@@ -161,21 +183,43 @@ def write_model_card(
         "",
         recipe.description or "",
         "",
-        f"- data: `{recipe.data_dir}` (subset {recipe.subset}), trained on train-semi, evaluated on validation",
-        f"- encoder: `{recipe.encoder_name}` {recipe.encoder_kwargs or ''}, head `{recipe.head}`, "
-        f"pre-trained weights: `{recipe.pretrained or 'none (from scratch)'}`",
-        f"- {runtime.get('iterations')} iterations at a global batch of {recipe.global_batch_size} "
-        f"({runtime.get('num_processes')} process(es) x {recipe.per_device_batch_size} x "
-        f"{runtime.get('gradient_accumulation_steps')} accumulation), mixed precision {recipe.mixed_precision}, "
-        f"{runtime.get('train_seconds', 0):.0f} s",
-        "",
         "## Results (validation, official protocol)",
         "",
-        f"mIoU: **{miou}**",
+        "| model | recipe | encoder, head | pre-trained weights | mIoU, this model | reported for the published recipe "
+        "| trained on |",
+        "|---|---|---|---|---|---|---|",
+        f"| `{output_dir.name}` | `{recipe.name}` | {encoder}, {recipe.head} | "
+        f"`{recipe.pretrained or 'none (from scratch)'}` | {miou} on `{recipe.data_dir}` (subset {recipe.subset}"
+        f"{images}) | {reported} | {machine}, {runtime.get('iterations')} iterations at a global batch of "
+        f"{recipe.global_batch_size}, mixed precision {recipe.mixed_precision}, "
+        f"{runtime.get('train_seconds', 0):.0f} s |",
+        "",
+        f"Trained on train-semi; {runtime.get('num_processes')} process(es) x {recipe.per_device_batch_size} per "
+        f"device x {runtime.get('gradient_accumulation_steps')} accumulation. mIoU is the official one: the mean "
+        'IoU over all classes, "other" included, in percent.',
         "",
     ]
+    picture = output_dir / "predictions.png"
+    if (output_dir / "config.json").is_file():
+        from imagenets_hf.evaluation.overlays import write_prediction_grid
+
+        num_images = 4
+        try:
+            write_prediction_grid(output_dir, recipe.data_dir, picture, num_images=num_images, title=recipe.name)
+        except Exception as err:  # a picture must not cost the run its card and results.json
+            print(f"note: no predictions.png in the model card ({type(err).__name__}: {err})")
+        else:
+            lines += [
+                "![predictions on validation images](predictions.png)",
+                "",
+                f"Predictions on {num_images} validation images of `{recipe.data_dir}`, spread over its classes "
+                "(rows: image, ground truth, prediction; the colours are named below the grid). The same picture: "
+                f"`python scripts/make_overlays.py --model {output_dir} --data-dir {recipe.data_dir} "
+                f"--out {picture} --num-images {num_images} --title {recipe.name}`.",
+                "",
+            ]
     if table:
-        lines += ["```", table, "```", ""]
+        lines += ["Per class:", "", "```", table, "```", ""]
     lines += [
         "## Use",
         "",

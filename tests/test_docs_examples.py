@@ -1,0 +1,248 @@
+"""Every command in README.md and docs/*.md runs as written.
+
+Each fenced ```bash / ```sh block runs in bash (`-e -o pipefail`: every command must succeed) and each ```python block
+in a Python subprocess, in document order (README.md, then docs/ by name; later blocks may use what earlier ones
+wrote), in one temporary working folder that holds a copy of the repository's `scripts/`. There the main job runs
+first, exactly as README.md writes it (`python scripts/finetune.py`: it writes `data/mini` and `outputs/demo`, which
+the other examples use); a doc block with the same text is checked against that run rather than run again.
+
+A block that cannot run here (it needs ImageNet-1k, the network, a GPU, hours, or it installs packages) is a ```text
+block introduced by a sentence saying why it is not run and which test covers it. Such a block that holds a command
+must be listed in NOT_RUN (by its first line), and every NOT_RUN entry must still be in the docs: nothing is skipped
+silently.
+
+Cost on the shared 2-core x86_64 CPU machine while it was nearly idle: 9 minutes for the file (540 s): the main job
+228 s (with one thread per process, set below), then about 30 blocks of 2-40 s each (a Python process start is most of
+a short one): about 230 s for README.md's and the data, model, training, evaluation and benchmark pages, 85 s for the
+backbones and web demo pages. Under load it takes several times longer. The structural test alone takes a second
+(`-m "not slow"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUN_LANGUAGES = {"bash": "bash", "sh": "bash", "python": "python"}
+MAIN_JOB = "python scripts/finetune.py"
+DEMO_LEARNS_BAR = 45.0  # mIoU; chance on 11 classes is about 9, "other" everywhere 7.5 (as test_train_finetune.py)
+BLOCK_TIMEOUT_S = 900
+
+# Blocks shown but not run, by their first line: why not, and what runs the same code instead. The sentence before
+# each block in the docs says the same.
+NOT_RUN = {
+    'python -m pip install -e ".[dev]"': "installs packages into the environment; CI runs it (.ci/run)",
+    "python -m pytest": "the test suite itself, this file included; CI runs it (.ci/run)",
+    "python scripts/prepare_imagenets.py --imagenet /data/imagenet --annotations ImageNetS919.zip --subset 919 --out "
+    "/data": "needs ImageNet-1k, the annotation archives, the weights and 8 GPUs (front page's real-data steps)",
+    "python scripts/export_dataset.py --data-dir /data/ImageNetS919 --push-to-hub me/imagenets919 [--public] "
+    "[--annotations-only]": "network and a Hub login; tests/test_data_export.py replaces the upload",
+    "python scripts/prepare_imagenets.py --imagenet /data/imagenet --annotations ImageNetS919.zip \\": "needs "
+    "ImageNet-1k and the archives; tests/test_data_prepare.py prepares a fake ImageNet",
+    "python scripts/convert_checkpoint.py --checkpoint mae_pretrain_vit_base.pth \\": "downloads of the published "
+    "checkpoints; tests/test_model_convert.py converts synthetic ones of every layout",
+    "from imagenets_hf.model import ViTFCNConfig, ViTFCNForSemanticSegmentation": "needs the published checkpoint "
+    "files; tests/test_model_convert.py",
+    "accelerate launch --multi_gpu --num_processes 8 scripts/finetune.py \\": "ImageNet-S919, MAE weights, 8 GPUs; "
+    "tests/test_train_finetune.py runs the loop on the mini dataset",
+    "python scripts/finetune.py --recipe sere-small-pretrained --data-dir ImageNetS300 --subset 300 \\": "needs "
+    "ImageNet-S300 and the SERE weights; tests/test_train_recipes.py",
+    "python scripts/bench_model.py                                     # ViT-S/16 and ViT-B/16 at 224, batch 4, 3 "
+    "iterations": "minutes on a CPU, the second line a GPU; the quick bench_model block runs the same code",
+    "python scripts/bench_recipe.py              # the four published recipes, batch 32 per GPU, fp16 + "
+    "GradScaler": "needs a GPU; the toy bench_recipe block and tests/test_train_bench_recipe.py",
+    "accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --model outputs/demo --data-dir data/mini": "two "
+    "more processes to start; tests/test_eval_distributed.py checks the two-process numbers",
+    "accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --output-dir outputs/demo-2proc": "a third "
+    "demo run; tests/test_train_finetune.py trains on 2 CPU processes",
+    "python scripts/app.py --model outputs/demo": "serves until Ctrl-C; tests/test_app_browser.py drives it in "
+    "headless Chromium",
+}
+
+# A line of a non-run block that a reader would type: a command, or Python.
+COMMAND_LINE = re.compile(
+    r"^\s*(\$\s+)?(python3?|accelerate|pip3?|torchrun|tensorboard|hf|huggingface-cli|git|wget|curl|bash|sh|cd|"
+    r"export|mkdir|cp|mv|rm|cat|printf)(\s|$)"
+    r"|^\s*(import\s+\w|from\s+[\w.]+\s+import\s)"
+)
+FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int  # of the opening fence, 1-based
+    language: str
+    text: str
+    before: str  # the paragraph before the opening fence
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.relative_to(REPO).as_posix()}:{self.line}"
+
+    @property
+    def first_line(self) -> str:
+        return next((line.strip() for line in self.text.splitlines() if line.strip()), "")
+
+    @property
+    def runs(self) -> bool:
+        return self.language in RUN_LANGUAGES
+
+    @property
+    def looks_like_a_command(self) -> bool:
+        return any(COMMAND_LINE.match(line) for line in self.text.splitlines())
+
+
+def read_blocks(path: Path) -> list[Block]:
+    """The fenced blocks of a Markdown file, with their language (empty when none) and the paragraph before them."""
+    blocks, lines = [], path.read_text(encoding="utf-8").splitlines()
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        indent, language = opening.groups()
+        end = index + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        if end == len(lines):
+            raise AssertionError(f"{path}:{index + 1}: a fenced block that is never closed")
+        body = "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines[index + 1 : end])
+        paragraph, back = [], index - 1
+        while back >= 0 and not lines[back].strip():  # the blank line(s) between the paragraph and the fence
+            back -= 1
+        while back >= 0 and lines[back].strip():
+            paragraph.insert(0, lines[back].strip())
+            back -= 1
+        blocks.append(Block(path, index + 1, language.lower(), body + "\n", " ".join(paragraph)))
+        index = end + 1
+    return blocks
+
+
+ALL_BLOCKS = [block for path in DOC_FILES for block in read_blocks(path)]
+RUN_BLOCKS = [block for block in ALL_BLOCKS if block.runs]
+
+
+def test_every_block_runs_or_is_listed_as_not_run():
+    """bash/sh/python blocks run (below); a text or unlabelled block holding a command must be on NOT_RUN, be
+    introduced by a sentence saying it is not run and which test covers it, and every NOT_RUN entry must exist."""
+    assert (REPO / "docs").is_dir() and len(DOC_FILES) >= 6, DOC_FILES
+    main_jobs = [b for b in RUN_BLOCKS if b.path.name == "README.md" and b.text.strip() == MAIN_JOB]
+    assert len(main_jobs) == 1, f"README.md must show the main job `{MAIN_JOB}` once as a bash block"
+    problems = []
+    listed_and_found = set()
+    for block in ALL_BLOCKS:
+        if block.runs or not block.looks_like_a_command:
+            continue
+        if block.first_line not in NOT_RUN:
+            problems.append(f"{block.name}: a ```{block.language or ''} block holds a command but is not in NOT_RUN")
+            continue
+        listed_and_found.add(block.first_line)
+        if block.language != "text":
+            problems.append(f"{block.name}: a block that is not run is a ```text block, not ```{block.language}")
+        intro = block.before.lower()
+        if "not run" not in intro or not ("tests/test_" in intro or ".ci/run" in intro):
+            problems.append(f"{block.name}: the sentence before it must say it is not run and which test covers it")
+    for first_line in sorted(set(NOT_RUN) - listed_and_found):
+        problems.append(f"NOT_RUN lists a block no longer in the docs: {first_line!r}")
+    unknown = sorted({b.language for b in ALL_BLOCKS} - {"", "text", "yaml", "json", *RUN_LANGUAGES})
+    if unknown:
+        problems.append(f"fenced blocks in languages this test does not know: {unknown}")
+    assert not problems, "\n".join(problems)
+
+
+def _environment(work: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python`, `accelerate` of this venv
+        HF_DATASETS_CACHE=str(work.parent / "hf-datasets-cache"),  # not the user's cache
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MPLBACKEND="Agg",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",  # the docs' runnable examples are CPU examples
+        PYTHONUNBUFFERED="1",
+    )
+    # One thread per process, as the other end-to-end tests: on a shared 2-core machine, 2-thread processes that wait
+    # on each other slow everything down many times over. The command lines stay exactly as the docs write them.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("IMAGENETS_DEBUG", None)
+    return env
+
+
+def run_block(block_text: str, language: str, work: Path, scratch: Path) -> subprocess.CompletedProcess:
+    if RUN_LANGUAGES[language] == "python":
+        script = scratch / "block.py"
+        script.write_text(block_text, encoding="utf-8")
+        command = [sys.executable, str(script)]
+    else:
+        command = ["bash", "-e", "-o", "pipefail", "-c", block_text]
+    return subprocess.run(
+        command, cwd=work, env=_environment(work), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
+
+
+def _failure(name: str, text: str, completed: subprocess.CompletedProcess) -> str:
+    return (
+        f"{name} failed (exit {completed.returncode}):\n{text}\n--- stdout (end) ---\n{completed.stdout[-3000:]}"
+        f"\n--- stderr (end) ---\n{completed.stderr[-3000:]}"
+    )
+
+
+@dataclass
+class DemoRun:
+    work: Path
+    command: str
+    completed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """A working folder with `scripts/` linked in, where the README's main job has run exactly as written."""
+    root = tmp_path_factory.mktemp("docs")
+    work = root / "work"
+    work.mkdir()
+    # A copy, not a link: scripts/evaluate.py and bench_metric.py keep their own folder off sys.path by its path, and
+    # Python puts a linked script's resolved folder there.
+    shutil.copytree(REPO / "scripts", work / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    readme_main_job = next(b for b in RUN_BLOCKS if b.path.name == "README.md" and b.text.strip() == MAIN_JOB)
+    completed = run_block(readme_main_job.text, readme_main_job.language, work, root)
+    assert completed.returncode == 0, _failure(readme_main_job.name, readme_main_job.text, completed)
+    return DemoRun(work, readme_main_job.text.strip(), completed)
+
+
+@pytest.mark.slow
+def test_main_job_as_written_trains_the_demo(demo_run):
+    """The README's main job made the mini dataset and a demo model that learned, with its card and picture."""
+    assert demo_run.command == MAIN_JOB
+    out = demo_run.work / "outputs" / "demo"
+    results = json.loads((out / "results.json").read_text())
+    assert results["mIoU"] > DEMO_LEARNS_BAR, results["mIoU"]
+    assert f"mIoU {results['mIoU']:.2f} on 50 validation images" in demo_run.completed.stdout
+    assert (demo_run.work / "data" / "mini" / ".mini_complete").is_file()
+    card = (out / "README.md").read_text()
+    assert f"**{results['mIoU']:.2f}**" in card and "![predictions on validation images](predictions.png)" in card
+    assert (out / "predictions.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[block.name for block in RUN_BLOCKS])
+def test_doc_block_runs(block, demo_run, tmp_path):
+    if block.text.strip() == MAIN_JOB:
+        # The fixture ran this very command line (README's); it is not run twice.
+        assert demo_run.command == block.text.strip() and demo_run.completed.returncode == 0
+        return
+    completed = run_block(block.text, block.language, demo_run.work, tmp_path)
+    assert completed.returncode == 0, _failure(block.name, block.text, completed)
