@@ -13,7 +13,7 @@ import os
 import sys
 
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.evaluation.benchmark import run_metric_benchmark  # noqa: E402

@@ -19,7 +19,7 @@ import sys
 import yaml
 
 # This folder holds a script named evaluate.py: keep it from shadowing the `evaluate` package.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
 from imagenets_hf.training.benchmark_recipe import (  # noqa: E402

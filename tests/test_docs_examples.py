@@ -67,6 +67,8 @@ NOT_RUN = {
     "demo run; tests/test_train_finetune.py trains on 2 CPU processes",
     "python scripts/app.py --model outputs/demo": "serves until Ctrl-C; tests/test_app_browser.py drives it in "
     "headless Chromium",
+    "python scripts/bench_data.py --images 64 --repeats 5": "a minute of a shared CPU; the quick bench_data block "
+    "runs the same code",
 }
 
 # A line of a non-run block that a reader would type: a command, or Python.
