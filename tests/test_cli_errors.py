@@ -162,9 +162,26 @@ def test_evaluate_and_predict_errors(data_dir, tmp_path, monkeypatch, capsys):
     # a plain owner/name still goes to the Hub; what looks local never does
     assert looks_like_hub_repo_id("someone/vit-fcn") and looks_like_hub_repo_id("timm/vit_base_patch16_224.mae")
     assert not any(map(looks_like_hub_repo_id, ["outputs/demoo", "./demoo", "~/demoo", "/abs/demoo", "a/b/c", "demo"]))
+    # In a fresh clone `outputs/` does not exist yet, so `outputs/demoo` has the shape of a Hub id: where the Hub
+    # cannot be reached, the line says so at once (no retries, no connection error). (.invalid never resolves.)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://hub.invalid")
+    assert evaluate("--model", "runs/demoo", "--data-dir", data_dir) == (
+        1,
+        [
+            "evaluate.py: error: no such model folder: runs/demoo (and the Hugging Face Hub cannot be reached from "
+            "here to look for a repository of that name)"
+        ],
+    )
     # the data folder is checked first: these say so even with a model that does not exist
     status, lines = evaluate("--model", missing, "--data-dir", tmp_path / "no-data")
-    assert status == 1 and len(lines) == 1 and lines[0].startswith(f"evaluate.py: error: {tmp_path / 'no-data'}: ")
+    assert (status, lines) == (
+        1,
+        [
+            f"evaluate.py: error: no such data folder: {tmp_path / 'no-data'} (a prepared "
+            f"ImageNet-S folder; `python scripts/make_mini_dataset.py --out {tmp_path / 'no-data'}` writes the synthetic mini one)"
+        ],
+    )
     status, lines = evaluate("--model", missing, "--data-dir", tmp_path / "outputs")
     assert (status, lines) == (
         1,
@@ -235,7 +252,9 @@ def test_submission_checkpoint_export_prepare_and_mini_errors(data_dir, tmp_path
         )
 
     status, lines = run("export_dataset", "--data-dir", "no-data", "--out", "exported")
-    assert status == 1 and len(lines) == 1 and lines[0].startswith("export_dataset.py: error: no-data: ")
+    assert status == 1 and len(lines) == 1 and lines[0].startswith(
+        "export_dataset.py: error: no such data folder: no-data ("
+    )
 
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
     (tmp_path / "imagenet" / "val").mkdir()

@@ -137,8 +137,11 @@ def test_folder_that_is_not_imagenets(tmp_path):
     (tmp_path / "photos" / "validation" / "cats").mkdir(parents=True)
     with pytest.raises(ImageNetSDataError, match=re.escape(str(tmp_path / "photos" / "validation" / "cats"))):
         detect_subset(tmp_path / "photos")
-    with pytest.raises(ImageNetSDataError, match="not a directory"):
+    with pytest.raises(ImageNetSDataError, match="no such data folder: .*missing"):
         _load(tmp_path / "missing")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ImageNetSDataError, match="a file, not a data folder"):
+        _load(tmp_path / "a-file")
 
 
 def test_empty_split(root):

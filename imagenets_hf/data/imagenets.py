@@ -83,8 +83,13 @@ def list_classes(data_dir: str | os.PathLike) -> list[str]:
     The train folder is only used where no other split is present.
     """
     root = Path(data_dir)
+    if not root.exists():
+        raise ImageNetSDataError(
+            f"no such data folder: {root} (a prepared ImageNet-S folder; `python scripts/make_mini_dataset.py --out "
+            f"{root}` writes the synthetic mini one)"
+        )
     if not root.is_dir():
-        raise ImageNetSDataError(f"{root}: not a directory")
+        raise ImageNetSDataError(f"{root}: a file, not a data folder")
     folders = [root / name for split in DEFAULT_SPLITS for name in SPLIT_FOLDERS[split] if name is not None]
     folders = [folder for folder in folders if folder.is_dir()]
     if not folders and (root / SPLIT_FOLDERS["train"][0]).is_dir():

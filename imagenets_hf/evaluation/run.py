@@ -51,6 +51,30 @@ def check_model_location(name: str) -> None:
         )
     elif not looks_like_hub_repo_id(name):
         raise FileNotFoundError(f"no such model folder: {name}")
+    elif not _hub_reachable():
+        # A missing local folder such as outputs/demoo has the shape of a Hub id too: say so at once rather than
+        # after transformers' retries end in a connection error.
+        raise FileNotFoundError(
+            f"no such model folder: {name} (and the Hugging Face Hub cannot be reached from here to look for a "
+            "repository of that name)"
+        )
+
+
+def _hub_reachable() -> bool:
+    """False when the Hub's host name does not even resolve (no network), or offline mode is on; True otherwise."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # transformers reads the local cache then, and says so itself
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:
