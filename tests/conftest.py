@@ -2,12 +2,27 @@
 
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from imagenets_hf.data.lists import EXPECTED_COUNTS, MERGED_CLASSES, TRAIN_SEMI_PER_CLASS, list_relpath
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (the suite is a few long files; more workers only cost memory)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with the most end-to-end (`slow`) tests first, each file's tests in their own order: with
+    pytest-xdist handing out whole files in this order, the longest ones start at once and the short ones fill the
+    workers around them."""
+    slow_tests = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])
+
 
 # The official ImageNet-S lists: ../shared/imagenets/lists beside the checkout (as in CI), or IMAGENETS_LISTS_DIR
 # (e.g. the data/ folder of a clone of https://github.com/LUSSeg/ImageNet-S).
@@ -152,3 +167,12 @@ def imagenets_lists(request, tmp_path_factory) -> ListsSource:
             )
         return ListsSource("official", OFFICIAL_LISTS_DIR)
     return ListsSource("synthetic", write_synthetic_lists(tmp_path_factory.mktemp("synthetic_lists")))
+
+
+@pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory) -> Path:
+    """The mini dataset (seed 0), made once per test session (a few seconds each time it is made); tests only read
+    it. Tests of the maker itself (test_data_mini.py) make their own."""
+    from imagenets_hf.data.mini import ensure_mini_dataset
+
+    return ensure_mini_dataset(tmp_path_factory.getbasetemp() / "imagenets_mini", seed=0)

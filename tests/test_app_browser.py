@@ -172,7 +172,14 @@ def app_server(model_folder, tmp_path):
     command += ["--port", str(port), "--examples", str(tmp_path / "examples"), "--device", "cpu"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # SIGINT at its default (a test run started in the background may pass it on ignored): stop() sends it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         url = f"http://127.0.0.1:{port}/"

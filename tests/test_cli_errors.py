@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_runner import run_script
 
 from imagenets_hf import cli
 from imagenets_hf.training.recipes import Recipe, RecipeError
@@ -27,16 +28,6 @@ WNID = "n01000001"
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
-
-
-def run_script(name: str, *args, monkeypatch, capsys) -> tuple[int, list[str]]:
-    """(exit status, non-empty lines of stdout + stderr) of `python scripts/<name>.py ARGS`, run in this process."""
-    script = SCRIPTS / f"{name}.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    captured = capsys.readouterr()
-    return exit_info.value.code, [line for line in (captured.out + captured.err).splitlines() if line.strip()]
 
 
 def run_subprocess(name: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -252,8 +243,10 @@ def test_submission_checkpoint_export_prepare_and_mini_errors(data_dir, tmp_path
         )
 
     status, lines = run("export_dataset", "--data-dir", "no-data", "--out", "exported")
-    assert status == 1 and len(lines) == 1 and lines[0].startswith(
-        "export_dataset.py: error: no such data folder: no-data ("
+    assert (
+        status == 1
+        and len(lines) == 1
+        and lines[0].startswith("export_dataset.py: error: no such data folder: no-data (")
     )
 
     (tmp_path / "imagenet" / "train").mkdir(parents=True)

@@ -419,3 +419,16 @@ def test_decoding_refuses_a_mask_of_another_size(realistic):
     assert decode_image_bgr(row["image"], mask.shape, (mask.shape[0] // 4, mask.shape[1] // 4)).shape[0] == -(
         -mask.shape[0] // 4
     )
+
+
+def test_workers_start_after_multi_threaded_opencv_in_this_process(realistic):
+    """OpenCV's thread pool does not survive a fork: a DataLoader worker forked after a multi-threaded OpenCV call
+    in this process used to hang in its first OpenCV call (seen in a test process that had augmented before)."""
+    cv2.setNumThreads(2)
+    picture = np.zeros((1024, 1024, 3), np.uint8)
+    cv2.GaussianBlur(cv2.resize(picture, (700, 700)), (5, 5), 0)  # large enough to run on the pool's threads
+    config = AugmentConfig(crop_size=96, resize_scale=(384, 96))
+    loader = build_train_dataloader(realistic[:4], config, batch_size=2, num_workers=1)
+    loader.timeout = 120  # a hung worker fails the test instead of blocking the run
+    batch = next(iter(loader))
+    assert batch["labels"].shape == (2, 96, 96)

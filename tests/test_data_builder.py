@@ -20,7 +20,7 @@ from imagenets_hf.data.imagenets import (
 )
 from imagenets_hf.data.lists import list_relpath
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
-from imagenets_hf.data.mini import MINI_NUM_CLASSES, MINI_WNIDS, SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
+from imagenets_hf.data.mini import MINI_NUM_CLASSES, MINI_WNIDS, SYNSET_FILE_NAME, mini_class_names
 
 SPLIT_FOLDERS = {
     "train_semi": ("train-semi", "train-semi-segmentation"),
@@ -28,12 +28,6 @@ SPLIT_FOLDERS = {
     "test": ("test", None),
     "train": ("train", None),
 }
-
-
-@pytest.fixture(scope="module")
-def mini_root(tmp_path_factory) -> Path:
-    # One mini dataset for the whole session (the data test modules share it; it is only read).
-    return ensure_mini_dataset(tmp_path_factory.getbasetemp() / "imagenets_mini", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +64,10 @@ def _assert_rows_equal_files(rows: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("split", ["train_semi", "validation", "test"])
-def test_builder_rows_equal_files(mini_root, cache_dir, split):
-    dataset = load_imagenets(mini_root, split=split, cache_dir=cache_dir)
+def test_builder_rows_equal_files(mini_dir, cache_dir, split):
+    dataset = load_imagenets(mini_dir, split=split, cache_dir=cache_dir)
     assert isinstance(dataset, datasets.Dataset)
-    expected = _expected_rows(mini_root, split)
+    expected = _expected_rows(mini_dir, split)
     assert len(dataset) == len(expected) > 0
     rows = sorted(dataset, key=lambda row: row["image_id"])
     _assert_rows_equal_files(rows, expected)
@@ -84,8 +78,8 @@ def test_builder_rows_equal_files(mini_root, cache_dir, split):
         assert by_id[want["image_id"]] == want["image_path"].read_bytes()
 
 
-def test_annotation_keeps_other_classes_and_ignore(mini_root, cache_dir):
-    dataset = load_imagenets(mini_root, split="validation", cache_dir=cache_dir)
+def test_annotation_keeps_other_classes_and_ignore(mini_dir, cache_dir):
+    dataset = load_imagenets(mini_dir, split="validation", cache_dir=cache_dir)
     ids = set()
     for row in dataset:
         ids.update(np.unique(np.asarray(row["annotation"])).tolist())
@@ -93,31 +87,31 @@ def test_annotation_keeps_other_classes_and_ignore(mini_root, cache_dir):
     assert ids <= set(range(MINI_NUM_CLASSES + 1)) | {IGNORE_INDEX}
 
 
-def test_train_streams_by_default_and_equals_files(mini_root, cache_dir):
-    streamed = load_imagenets(mini_root, split="train", cache_dir=cache_dir)
+def test_train_streams_by_default_and_equals_files(mini_dir, cache_dir):
+    streamed = load_imagenets(mini_dir, split="train", cache_dir=cache_dir)
     assert isinstance(streamed, datasets.IterableDataset)
-    expected = _expected_rows(mini_root, "train")
+    expected = _expected_rows(mini_dir, "train")
     _assert_rows_equal_files(sorted(streamed, key=lambda row: row["image_id"]), expected)
-    materialised = load_imagenets(mini_root, split="train", streaming=False, cache_dir=cache_dir)
+    materialised = load_imagenets(mini_dir, split="train", streaming=False, cache_dir=cache_dir)
     assert isinstance(materialised, datasets.Dataset)
     assert sorted(materialised["image_id"]) == [row["image_id"] for row in expected]
 
 
-def test_streaming_validation_equals_arrow_rows(mini_root, cache_dir):
-    streamed = list(load_imagenets(mini_root, split="validation", streaming=True))
-    arrow = load_imagenets(mini_root, split="validation", cache_dir=cache_dir)
+def test_streaming_validation_equals_arrow_rows(mini_dir, cache_dir):
+    streamed = list(load_imagenets(mini_dir, split="validation", streaming=True))
+    arrow = load_imagenets(mini_dir, split="validation", cache_dir=cache_dir)
     assert [row["image_id"] for row in streamed] == arrow["image_id"]
     for a, b in zip(streamed, arrow):
         assert np.array_equal(np.asarray(a["annotation"]), np.asarray(b["annotation"]))
 
 
-def test_mini_config_and_class_names(mini_root, cache_dir):
-    assert detect_subset(mini_root) == "mini"
-    assert list_classes(mini_root) == list(MINI_WNIDS)
-    assert class_names(mini_root) == ["other", *MINI_WNIDS]
-    synset_words = mini_root / SYNSET_FILE_NAME
-    assert class_names(mini_root, synset_words) == mini_class_names()
-    dataset = load_imagenets(mini_root, split="validation", synset_words=synset_words, cache_dir=cache_dir)
+def test_mini_config_and_class_names(mini_dir, cache_dir):
+    assert detect_subset(mini_dir) == "mini"
+    assert list_classes(mini_dir) == list(MINI_WNIDS)
+    assert class_names(mini_dir) == ["other", *MINI_WNIDS]
+    synset_words = mini_dir / SYNSET_FILE_NAME
+    assert class_names(mini_dir, synset_words) == mini_class_names()
+    dataset = load_imagenets(mini_dir, split="validation", synset_words=synset_words, cache_dir=cache_dir)
     assert dataset.features["label"].names == mini_class_names()
     assert dataset.info.config_name == "mini"
 
@@ -159,9 +153,9 @@ def test_class_order_matches_the_category_list(tmp_path, imagenets_lists):
     assert names[0] == "other" and names[1:] == listed
 
 
-def _copy_with_one_changed_mask(mini_root: Path, dest: Path) -> Path:
+def _copy_with_one_changed_mask(mini_dir: Path, dest: Path) -> Path:
     for folder in ("validation", "validation-segmentation"):
-        shutil.copytree(mini_root / folder, dest / folder)
+        shutil.copytree(mini_dir / folder, dest / folder)
     mask_path = sorted((dest / "validation-segmentation").glob("*/*.png"))[0]
     ids = decode_mask(mask_path)
     ids[:, :] = 0
@@ -169,11 +163,11 @@ def _copy_with_one_changed_mask(mini_root: Path, dest: Path) -> Path:
     return mask_path
 
 
-def test_cache_is_keyed_by_folder_and_content(mini_root, tmp_path):
+def test_cache_is_keyed_by_folder_and_content(mini_dir, tmp_path):
     cache = tmp_path / "cache"
     copy_root = tmp_path / "copy"
-    changed_mask = _copy_with_one_changed_mask(mini_root, copy_root)
-    first = load_imagenets(mini_root, split="validation", cache_dir=cache)
+    changed_mask = _copy_with_one_changed_mask(mini_dir, copy_root)
+    first = load_imagenets(mini_dir, split="validation", cache_dir=cache)
     changed_id = f"{changed_mask.parent.name}/{changed_mask.stem}"
     second = load_imagenets(copy_root, split="validation", cache_dir=cache)
     assert first.cache_files[0]["filename"] != second.cache_files[0]["filename"]
@@ -188,8 +182,8 @@ def test_cache_is_keyed_by_folder_and_content(mini_root, tmp_path):
     assert np.asarray(third[third["image_id"].index(changed_id)]["annotation"])[0, 0] == 1
 
 
-def test_builder_detects_config_and_lists_splits(mini_root, cache_dir):
-    builder = ImageNetS(data_dir=mini_root, cache_dir=str(cache_dir))
+def test_builder_detects_config_and_lists_splits(mini_dir, cache_dir):
+    builder = ImageNetS(data_dir=mini_dir, cache_dir=str(cache_dir))
     assert builder.config.name == "mini"
     builder.download_and_prepare()
     assert set(builder.info.splits) == {"train_semi", "validation", "test"}  # train is not materialised by default

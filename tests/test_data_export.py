@@ -16,15 +16,9 @@ from imagenets_hf.data import export as export_module
 from imagenets_hf.data.export import build_imagenets_dataset_dict, export_imagenets
 from imagenets_hf.data.imagenets import default_synset_words, load_imagenets
 from imagenets_hf.data.masks import encode_mask
-from imagenets_hf.data.mini import MINI_WNIDS, SYNSET_FILE_NAME, ensure_mini_dataset, mini_class_names
+from imagenets_hf.data.mini import MINI_WNIDS, SYNSET_FILE_NAME, mini_class_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mini_root(tmp_path_factory) -> Path:
-    # One mini dataset for the whole session (the data test modules share it; it is only read).
-    return ensure_mini_dataset(tmp_path_factory.getbasetemp() / "imagenets_mini", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +27,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(mini_root, tmp_path_factory) -> Path:
+def exported(mini_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "out"
-    counts = export_imagenets(mini_root, out, synset_words=mini_root / SYNSET_FILE_NAME)
+    counts = export_imagenets(mini_dir, out, synset_words=mini_dir / SYNSET_FILE_NAME)
     assert counts == {"train_semi": 100, "validation": 50, "test": 30}
     return out
 
@@ -53,10 +47,8 @@ def _raw_rows(dataset: datasets.Dataset) -> list[dict]:
 
 
 @pytest.mark.parametrize("split", ["train_semi", "validation", "test"])
-def test_load_dataset_on_export_equals_builder(mini_root, exported, cache_dir, split):
-    builder_rows = load_imagenets(
-        mini_root, split=split, synset_words=mini_root / SYNSET_FILE_NAME, cache_dir=cache_dir
-    )
+def test_load_dataset_on_export_equals_builder(mini_dir, exported, cache_dir, split):
+    builder_rows = load_imagenets(mini_dir, split=split, synset_words=mini_dir / SYNSET_FILE_NAME, cache_dir=cache_dir)
     loaded = datasets.load_dataset(str(exported), "mini", split=split, cache_dir=str(cache_dir / "hub"))
     assert loaded.features == builder_rows.features
     assert loaded.features["label"].names == mini_class_names()
@@ -104,15 +96,15 @@ def _card_class_names(out: Path, config_name: str) -> list[str]:
     return [names[str(index)] for index in range(len(names))]
 
 
-def test_export_names_classes_from_the_folder_synset_words_by_default(mini_root, tmp_path):
+def test_export_names_classes_from_the_folder_synset_words_by_default(mini_dir, tmp_path):
     # The mini folder holds LOC_synset_mapping.txt: used when no synset_words is given, as evaluation and training do.
-    assert default_synset_words(mini_root) == mini_root / SYNSET_FILE_NAME
-    export_imagenets(mini_root, tmp_path / "out", splits=["validation"])
+    assert default_synset_words(mini_dir) == mini_dir / SYNSET_FILE_NAME
+    export_imagenets(mini_dir, tmp_path / "out", splits=["validation"])
     assert _card_class_names(tmp_path / "out", "mini") == mini_class_names()
     # Without the file, the wnids name the classes.
     bare = tmp_path / "bare"
     for folder in ("validation", "validation-segmentation"):
-        shutil.copytree(mini_root / folder, bare / folder)
+        shutil.copytree(mini_dir / folder, bare / folder)
     assert default_synset_words(bare) is None
     export_imagenets(bare, tmp_path / "bare_out", splits=["validation"])
     assert _card_class_names(tmp_path / "bare_out", "mini") == ["other", *MINI_WNIDS]
@@ -132,10 +124,10 @@ def _tiny_subset_folder(root: Path, num_classes: int) -> Path:
     return root
 
 
-def test_official_subset_config_name_and_second_config(tmp_path, exported, mini_root, cache_dir):
+def test_official_subset_config_name_and_second_config(tmp_path, exported, mini_dir, cache_dir):
     root = _tiny_subset_folder(tmp_path / "ImageNetS50", 50)
     out = tmp_path / "out"
-    export_imagenets(mini_root, out, splits=["validation"])
+    export_imagenets(mini_dir, out, splits=["validation"])
     export_imagenets(root, out)
     export_imagenets(root, out)  # re-export replaces the files
     card = _card_yaml(out)
@@ -158,7 +150,7 @@ def _script_main():
     return module.main
 
 
-def test_push_to_hub_private_by_default_and_annotations_only(mini_root, cache_dir, monkeypatch, capsys):
+def test_push_to_hub_private_by_default_and_annotations_only(mini_dir, cache_dir, monkeypatch, capsys):
     calls = []
 
     def fake_push(self, repo_id, **kwargs):  # the Hub is out of reach here: record what would be pushed
@@ -167,8 +159,8 @@ def test_push_to_hub_private_by_default_and_annotations_only(mini_root, cache_di
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", fake_push)
     monkeypatch.setattr(export_module, "build_imagenets_dataset_dict", _cached_builder(cache_dir))
     main = _script_main()
-    main(["--data-dir", str(mini_root), "--push-to-hub", "me/imagenets-mini"])
-    main(["--data-dir", str(mini_root), "--push-to-hub", "me/masks", "--public", "--annotations-only"])
+    main(["--data-dir", str(mini_dir), "--push-to-hub", "me/imagenets-mini"])
+    main(["--data-dir", str(mini_dir), "--push-to-hub", "me/masks", "--public", "--annotations-only"])
     assert "pushed config 'mini' to me/imagenets-mini (private)" in capsys.readouterr().out
 
     full, repo_id, kwargs = calls[0]
@@ -192,8 +184,8 @@ def _cached_builder(cache_dir: Path):
     return build
 
 
-def test_script_requires_an_output(mini_root):
+def test_script_requires_an_output(mini_dir):
     with pytest.raises(SystemExit):
-        _script_main()(["--data-dir", str(mini_root)])
+        _script_main()(["--data-dir", str(mini_dir)])
     with pytest.raises(SystemExit):
-        _script_main()(["--data-dir", str(mini_root), "--out", "x", "--annotations-only"])
+        _script_main()(["--data-dir", str(mini_dir), "--out", "x", "--annotations-only"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_runner import run_script
 
 from imagenets_hf.data.masks import IGNORE_INDEX
 from imagenets_hf.evaluation.overlays import (
@@ -115,13 +116,6 @@ def test_spread_indices():
 
 
 @pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory) -> Path:
-    from imagenets_hf.data.mini import ensure_mini_dataset
-
-    return ensure_mini_dataset(tmp_path_factory.mktemp("mini") / "mini")
-
-
-@pytest.fixture(scope="module")
 def saved_model(mini_dir, tmp_path_factory) -> Path:
     """A tiny random model named after the mini classes, saved as finetune.py saves one."""
     from imagenets_hf.data.imagenets import class_names
@@ -142,7 +136,7 @@ def saved_model(mini_dir, tmp_path_factory) -> Path:
     return out
 
 
-def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     env.pop("IMAGENETS_DEBUG", None)
     command = [sys.executable, str(SCRIPT), *args]
@@ -151,7 +145,7 @@ def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_script_writes_the_grid_with_the_models_class_names(saved_model, mini_dir, tmp_path):
     out = tmp_path / "pictures" / "grid.png"  # the folder is created
-    completed = run_script(
+    completed = run_subprocess(
         "--model", str(saved_model), "--data-dir", str(mini_dir), "--out", str(out), "--num-images", "3",
         "--cell-height", "48", cwd=tmp_path,
     )  # fmt: skip
@@ -166,17 +160,22 @@ def test_script_writes_the_grid_with_the_models_class_names(saved_model, mini_di
     assert {palette_colour(1), palette_colour(5), palette_colour(10)} <= colours_in(legend)
 
 
-def test_script_errors_are_one_line(saved_model, mini_dir, tmp_path):
-    missing = run_script("--model", str(tmp_path / "nope"), "--data-dir", str(mini_dir), "--out", "x.png", cwd=tmp_path)
-    assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines() == [
-        f"make_overlays.py: error: no such model folder: {tmp_path / 'nope'}"
-    ]
-    no_split = run_script("--model", str(saved_model), "--data-dir", str(tmp_path), "--out", "x.png", cwd=tmp_path)
-    assert no_split.returncode == 1 and "no such image folder" in no_split.stderr
-    assert len(no_split.stderr.strip().splitlines()) == 1
-    usage = run_script("--model", "m", "--data-dir", "d", "--out", "x.png", "--num-images", "0", cwd=tmp_path)
-    assert usage.returncode == 2 and "--num-images must be at least 1" in usage.stderr
+def test_script_errors_are_one_line(saved_model, mini_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGENETS_DEBUG", raising=False)
+
+    def run(*args) -> tuple[int, list[str]]:
+        return run_script("make_overlays", *args, monkeypatch=monkeypatch, capsys=capsys)
+
+    missing = tmp_path / "nope"
+    assert run("--model", missing, "--data-dir", mini_dir, "--out", "x.png") == (
+        1,
+        [f"make_overlays.py: error: no such model folder: {missing}"],
+    )
+    status, lines = run("--model", saved_model, "--data-dir", tmp_path, "--out", "x.png")
+    assert status == 1 and len(lines) == 1 and "no such image folder" in lines[0]
+    status, lines = run("--model", "m", "--data-dir", "d", "--out", "x.png", "--num-images", "0")
+    assert status == 2 and len(lines) == 1 and "--num-images must be at least 1" in lines[0]
     assert not (tmp_path / "x.png").exists()
 
 

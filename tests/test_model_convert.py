@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from script_runner import run_script
 from timm.models.vision_transformer import VisionTransformer
 
 from imagenets_hf.model.convert import (
@@ -509,7 +510,8 @@ def test_convert_checkpoint_end_to_end(tmp_path, pixels):
         torch.testing.assert_close(reloaded(pixels).logits, model.eval()(pixels).logits, atol=0, rtol=0)
 
 
-def _run_cli(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _cli_command(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    """`python scripts/convert_checkpoint.py ...` for the tiny encoder."""
     command = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "convert_checkpoint.py"),
@@ -527,16 +529,18 @@ def _run_cli(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedPr
         json.dumps(TINY_ENCODER_KWARGS),
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return [str(part) for part in command]
+
+
+SUBPROCESS = {"capture_output": True, "text": True, "env": {**os.environ, "OMP_NUM_THREADS": "1"}, "timeout": 300}
 
 
 @pytest.mark.slow
-def test_cli_converts_in_a_subprocess(tmp_path):
+def test_cli_converts_in_a_subprocess(tmp_path, monkeypatch, capsys):
     source = tiny_vit(32)
     checkpoint, _, _ = build_layout("dino-teacher", source, tiny_vit(33))
     torch.save(checkpoint, tmp_path / "dino.pth")
-    result = _run_cli(tmp_path / "dino.pth", tmp_path / "out")
+    result = subprocess.run(_cli_command(tmp_path / "dino.pth", tmp_path / "out"), **SUBPROCESS)
     assert result.returncode == 0, result.stderr
     assert "layout teacher/timm" in result.stdout and "missing 0" in result.stdout
     saved = load_file(tmp_path / "out" / "model.safetensors")
@@ -544,12 +548,17 @@ def test_cli_converts_in_a_subprocess(tmp_path):
         assert torch.equal(saved[f"encoder.{name}"], tensor), name  # copied, saved and read back: exact
     assert (tmp_path / "out" / "preprocessor_config.json").is_file()
 
-    # a partial checkpoint: refused (non-zero exit, reason on stderr, nothing written), accepted with --allow-partial
+    # a partial checkpoint: refused (exit 1, the reason, nothing written), accepted with --allow-partial; the same
+    # script run in this process (the subprocess above checked the wiring)
+    def run(*args) -> tuple[int, list[str]]:
+        return run_script("convert_checkpoint", *_cli_command(*args)[2:], monkeypatch=monkeypatch, capsys=capsys)
+
     partial = {"model": {k: v for k, v in encoder_state(source).items() if not k.startswith("blocks.1.")}}
     torch.save(partial, tmp_path / "partial.pth")
-    refused = _run_cli(tmp_path / "partial.pth", tmp_path / "refused")
-    assert refused.returncode == 1 and "missing from the checkpoint" in refused.stderr
+    status, lines = run(tmp_path / "partial.pth", tmp_path / "refused")
+    assert status == 1 and len(lines) == 1 and "missing from the checkpoint" in lines[0]
     assert not (tmp_path / "refused" / "model.safetensors").exists()
-    accepted = _run_cli(tmp_path / "partial.pth", tmp_path / "accepted", "--allow-partial", "--key", "model")
-    assert accepted.returncode == 0, accepted.stderr
-    assert "layout model/timm" in accepted.stdout and "missing 12" in accepted.stdout
+    status, lines = run(tmp_path / "partial.pth", tmp_path / "accepted", "--allow-partial", "--key", "model")
+    assert status == 0, lines
+    text = "\n".join(lines)
+    assert "layout model/timm" in text and "missing 12" in text, text

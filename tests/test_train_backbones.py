@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSemanticSegmentation
 
-from imagenets_hf.data.mini import ensure_mini_dataset
 from imagenets_hf.model import ViTFCNForSemanticSegmentation
 from imagenets_hf.training.finetune import build_model, finetune
 from imagenets_hf.training.recipes import load_recipe
@@ -35,8 +34,8 @@ RUNS = [
 
 
 @pytest.mark.slow
-def test_each_head_trains_on_mini_data_and_reloads_with_and_without_the_package(tmp_path):
-    data_dir = ensure_mini_dataset(tmp_path / "mini")
+def test_each_head_trains_on_mini_data_and_reloads_with_and_without_the_package(mini_dir, tmp_path):
+    data_dir = mini_dir
     pixel_values = torch.randn(1, 3, 40, 57, generator=torch.Generator().manual_seed(0))
     folders = []
     for head, encoder_name, encoder_kwargs in RUNS:

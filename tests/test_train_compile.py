@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from imagenets_hf.data.mini import ensure_mini_dataset
 from imagenets_hf.model import ViTFCNConfig, ViTFCNForSemanticSegmentation
 from imagenets_hf.training.finetune import finetune
 from imagenets_hf.training.recipes import load_recipe
@@ -20,10 +19,10 @@ TINY_ENCODER = {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8, "i
 
 
 @pytest.mark.slow
-def test_compiled_demo_trains_and_evaluates(tmp_path):
+def test_compiled_demo_trains_and_evaluates(mini_dir, tmp_path):
     """A few compiled iterations, then the final evaluation (one image at a time at varying sizes): finite mIoU."""
     overrides = {
-        "data_dir": str(ensure_mini_dataset(tmp_path / "mini")),
+        "data_dir": str(mini_dir),
         "output_dir": str(tmp_path / "out"),
         "compile": True,
         "encoder_kwargs": TINY_ENCODER,

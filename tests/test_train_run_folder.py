@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imagenets_hf.data.mini import ensure_mini_dataset
 from imagenets_hf.training.checkpoints import (
     MANIFEST_FILE_NAME,
     checkpoint_problem,
@@ -49,11 +48,6 @@ TINY = {
     "num_workers": 0,
     "drop_path_rate": 0.1,  # exercises the restored random state on resume
 }
-
-
-@pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory) -> Path:
-    return ensure_mini_dataset(tmp_path_factory.mktemp("mini") / "mini")
 
 
 def tiny_recipe(mini_dir: Path, output_dir: Path, **overrides):
@@ -206,6 +200,8 @@ def start(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     # A session of its own: `kill` below kills the whole process group, as a shell's kill of a job or a cluster
     # scheduler does (a lone SIGKILL would leave the evaluation's DataLoader workers behind, holding the pipe).
+    # SIGINT back to its default: a test run started in the background by a shell without job control inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler (Ctrl-C below would do nothing).
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), *args],
         env=env,
@@ -213,6 +209,7 @@ def start(args: list[str]) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -167,14 +167,13 @@ def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per worker);
-    one OpenCV thread per worker."""
+    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per
+    worker). (One OpenCV thread per worker is set before the fork: see build_train_dataloader.)"""
     import random
 
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-    cv2.setNumThreads(1)
 
 
 def build_train_dataloader(
@@ -189,8 +188,11 @@ def build_train_dataloader(
     """An endless DataLoader of augmented batches for process `rank` of `world_size`, made in worker processes.
 
     It has its own generator, so creating its iterator does not consume the global torch random state (which a
-    resumed run restores from the checkpoint).
+    resumed run restores from the checkpoint). OpenCV runs on one thread in this process from here on: the pipeline
+    works a sample at a time per worker, and OpenCV's thread pool does not survive a fork (a worker forked after a
+    multi-threaded OpenCV call in this process hangs in its first OpenCV call).
     """
+    cv2.setNumThreads(1)
     dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed)
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
