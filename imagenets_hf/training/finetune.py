@@ -331,10 +331,13 @@ def finetune(
     except KeyboardInterrupt:
         bar.close()
         accelerator.end_training()
-        if run.last_checkpoint is None:
+        # From the disk, not from `run.last_checkpoint`: Ctrl-C may land after a checkpoint was renamed into place and
+        # before `checkpoint()` returned, and "start again with --overwrite" would then delete a complete checkpoint.
+        last_complete = newest_complete_checkpoint(run.output_dir).path
+        if last_complete is None:
             where = f"no checkpoint was completed; start again with {resume_command()[: -len(' --resume')]} --overwrite"
         else:
-            where = f"last complete checkpoint {run.last_checkpoint}; resume with: {resume_command()}"
+            where = f"last complete checkpoint {last_complete}; resume with: {resume_command()}"
         raise TrainingInterrupted(f"interrupted at iteration {done} of {recipe.max_iters}; {where}") from None
     bar.close()
     result: dict[str, Any] = {
