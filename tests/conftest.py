@@ -16,6 +16,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    """In a pytest-xdist worker (one per core), one thread for torch and for the processes it starts: OpenMP threads
+    that spin on cores the other workers use slow everything down many times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """The files with the most end-to-end (`slow`) tests first, each file's tests in their own order: with
     pytest-xdist handing out whole files in this order, the longest ones start at once and the short ones fill the

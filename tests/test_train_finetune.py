@@ -16,33 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import TINY_RECIPE, cli_args
 
 from imagenets_hf.training.checkpoints import newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
 
-# A tiny variant of the demo recipe: 2-layer ViT 32 wide, 32 px crops, 6 iterations at a global batch of 8.
-TINY_OVERRIDES = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32},
-    "crop_size": 32,
-    "resize_scale": [128, 32],
-    "eval_short_side": 32,
-    "eval_max_long_side": 128,
-    "per_device_batch_size": 4,
-    "global_batch_size": 8,
-    "max_iters": 6,
-    "warmup_iters": 2,
-    "checkpoint_interval": 2,
-    "checkpoints_total_limit": 2,
-    "val_interval": 0,
-    "log_interval": 1,
-    "lr": 1e-3,
-    "drop_path_rate": 0.1,  # exercises the restored random state on resume
-    "num_workers": 1,
-}
-# The same as command-line options (JSON values are YAML, which the command line reads).
-TINY = [arg for key, value in TINY_OVERRIDES.items() for arg in (f"--{key.replace('_', '-')}", json.dumps(value))]
+# The tiny recipe at a global batch of 8 (2 processes x 4 in the two-process test), in a DataLoader worker.
+TINY_OVERRIDES = {**TINY_RECIPE, "global_batch_size": 8, "lr": 1e-3, "log_interval": 1, "num_workers": 1}
+TINY = cli_args(TINY_OVERRIDES)
 
 
 def run_finetune(

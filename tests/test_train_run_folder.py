@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import TINY_RECIPE, cli_args
 
 from imagenets_hf.training.checkpoints import (
     MANIFEST_FILE_NAME,
@@ -32,22 +33,7 @@ from imagenets_hf.training.run_folder import RunFolderError, check_output_dir, r
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "finetune.py"
 
-TINY = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32},
-    "crop_size": 32,
-    "resize_scale": [128, 32],
-    "eval_short_side": 32,
-    "eval_max_long_side": 128,
-    "per_device_batch_size": 4,
-    "global_batch_size": 4,
-    "max_iters": 6,
-    "warmup_iters": 2,
-    "checkpoint_interval": 2,
-    "checkpoints_total_limit": 2,
-    "val_interval": 0,
-    "num_workers": 0,
-    "drop_path_rate": 0.1,  # exercises the restored random state on resume
-}
+TINY = TINY_RECIPE
 
 
 def tiny_recipe(mini_dir: Path, output_dir: Path, **overrides):
@@ -209,12 +195,8 @@ def test_resume_command_replaces_the_start_only_flags(monkeypatch):
 
 # -- the command line, killed --------------------------------------------------------------------------------------
 
-TINY_ARGS = [
-    "--encoder-kwargs", json.dumps(TINY["encoder_kwargs"]), "--crop-size", "32", "--resize-scale", "[128, 32]",
-    "--eval-short-side", "32", "--eval-max-long-side", "128", "--per-device-batch-size", "4",
-    "--global-batch-size", "4", "--max-iters", "6", "--warmup-iters", "2", "--checkpoints-total-limit", "2",
-    "--val-interval", "0", "--num-workers", "0", "--drop-path-rate", "0.1", "--no-progress",
-]  # fmt: skip
+# Without --checkpoint-interval: the command-line tests give their own.
+TINY_ARGS = [*cli_args({k: v for k, v in TINY.items() if k != "checkpoint_interval"}), "--no-progress"]
 
 
 def start(args: list[str]) -> subprocess.Popen:
