@@ -170,18 +170,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mini_dir, tmp_path,
 
     monkeypatch.setattr(finetune_module, "build_model", poisoned_build_model)
     overrides = {
+        **TINY_RECIPE,
         "data_dir": str(mini_dir),
         "output_dir": str(tmp_path / "nan"),
-        "encoder_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32},
-        "crop_size": 32,
-        "resize_scale": [128, 32],
         "per_device_batch_size": 2,
-        "global_batch_size": 4,
         "max_iters": 10,
-        "warmup_iters": 2,
-        "checkpoint_interval": 2,
-        "val_interval": 0,
-        "num_workers": 0,
     }
     with pytest.raises(finetune_module.NonFiniteLossError, match=r"loss is nan at iteration 3.*checkpoint_2"):
         finetune_module.finetune(load_recipe("demo", overrides), progress=False)
@@ -198,7 +191,7 @@ def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path, pretrained_ke
     from imagenets_hf.training.finetune import finetune
     from imagenets_hf.training.recipes import load_recipe
 
-    encoder_kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
+    encoder_kwargs = TINY_RECIPE["encoder_kwargs"]
     torch.manual_seed(123)
     source = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **encoder_kwargs)
     checkpoint = tmp_path / "checkpoint.pth"
@@ -214,24 +207,18 @@ def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path, pretrained_ke
             checkpoint,
         )
     overrides = {
+        **TINY_RECIPE,
         "data_dir": str(mini_dir),
         "output_dir": str(tmp_path / "pretrained"),
         "pretrained": str(checkpoint),
         "pretrained_key": pretrained_key,
-        "encoder_kwargs": encoder_kwargs,
-        "crop_size": 32,
-        "resize_scale": [128, 32],
-        "eval_short_side": 32,
-        "eval_max_long_side": 128,
         "per_device_batch_size": 2,
         "global_batch_size": 2,
         "max_iters": 2,
         "warmup_iters": 1,
         "lr": 0.0,
         "min_lr": 0.0,  # (mmcv's min_lr is absolute: it would lift a zero lr)
-        "val_interval": 0,
         "checkpoint_interval": 0,
-        "num_workers": 0,
     }
     finetune(load_recipe("demo", overrides), progress=False)
     saved = load_file(tmp_path / "pretrained" / "model.safetensors")
