@@ -23,6 +23,8 @@ What is done differently, keeping the result:
   non-antialiased resize of the full image (the only step whose pixels differ from mmsegmentation's).
 - Brightness, contrast, saturation and hue are per-sample lookup tables (`photometric_tables`); only saturation and
   hue go through HSV, on the crop only.
+- Training decodes each mask once (`training.data.pack_train_masks`, kept run-length packed: `packed_masks`) and
+  hands the decoded ids in; the ids are the same.
 """
 
 from __future__ import annotations
@@ -385,12 +387,19 @@ def _source_indices(params: AugmentParams, sample: int, mask: np.ndarray) -> tup
     return rows, columns
 
 
-def choose_crop(config: AugmentConfig, params: AugmentParams, sample: int, mask: np.ndarray) -> int:
-    """`augment_device.choose_crops` for sample `sample` of `params` and its (H, W) mask, in NumPy."""
+def choose_crop(
+    config: AugmentConfig,
+    params: AugmentParams,
+    sample: int,
+    mask: np.ndarray,
+    source: tuple[np.ndarray, np.ndarray] | None = None,
+) -> int:
+    """`augment_device.choose_crops` for sample `sample` of `params` and its (H, W) mask, in NumPy. `source`: the
+    sample's `_source_indices`, when the caller has them."""
     if config.cat_max_ratio >= 1.0:
         return 0
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
-    rows, columns = _source_indices(params, sample, mask)
+    rows, columns = source if source is not None else _source_indices(params, sample, mask)
     for draw in range(config.max_tries):
         top, left = params.tops[sample, draw], params.lefts[sample, draw]
         window = mask[rows[top : top + height]][:, columns[left : left + width]]
@@ -408,15 +417,16 @@ def augment_sample(
     tables: PhotometricTables | None,
     pixel_values: np.ndarray,
     labels: np.ndarray,
+    source: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Augment sample `sample` of `params` (its crop chosen) into `pixel_values` (3, crop, crop) float32 and
     `labels` (crop, crop), which hold the padding values. `image`: BGR, possibly a reduced decode of the image of
-    the (H, W) `mask`."""
+    the (H, W) `mask`; `source`: the sample's `_source_indices`, when the caller has them."""
     draw = params.chosen[sample]
     top, left = int(params.tops[sample, draw]), int(params.lefts[sample, draw])
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
     flip = bool(params.flip[sample])
-    rows, columns = _source_indices(params, sample, mask)
+    rows, columns = source if source is not None else _source_indices(params, sample, mask)
     columns = columns[left : left + width]
     labels[:height, :width] = mask[rows[top : top + height]][:, columns[::-1] if flip else columns]
 
@@ -438,8 +448,8 @@ def augment_sample(
         pixels = _photometric_distortion(pixels, tables, params, sample)
     normalise = normalisation_tables(config)
     planes = cv2.split(pixels)  # contiguous planes: the lookups run much faster than on strided channels
-    for channel in range(3):  # BGR in, RGB out
-        np.take(normalise[channel], planes[2 - channel], out=pixel_values[channel, :height, :width])
+    for channel in range(3):  # BGR in, RGB out; OpenCV's float lookup writes into the output in place (2x np.take)
+        cv2.LUT(planes[2 - channel], normalise[channel], dst=pixel_values[channel, :height, :width])
 
 
 def _photometric_distortion(pixels: np.ndarray, tables: PhotometricTables, params: AugmentParams, sample: int):
@@ -466,11 +476,21 @@ def augment_encoded_samples(
 ) -> dict[str, torch.Tensor]:
     """Decode and augment the samples at stream `positions`, one at a time: {"pixel_values": (B, 3, crop, crop)
     float32, "labels": (B, crop, crop) int64}. `images`, `annotations`: `datasets` values (decode=False), bytes,
-    paths or PIL images. `allow_draft=False` decodes every JPEG at full size."""
-    masks = [decode_annotation(annotation) for annotation in annotations]
+    paths or PIL images; an annotation may also be an (H, W) int16 array of ids already decoded and checked (a
+    `PackedMasks` item), taken as it is. `allow_draft=False` decodes every JPEG at full size."""
+    masks = [
+        annotation
+        if isinstance(annotation, np.ndarray) and annotation.dtype == np.int16 and annotation.ndim == 2
+        else decode_annotation(annotation)
+        for annotation in annotations
+    ]
     sizes = np.array([mask.shape for mask in masks], dtype=np.int64).reshape(-1, 2)
     params = draw_params(config, seed, positions, sizes[:, 0], sizes[:, 1])
-    params.chosen = np.array([choose_crop(config, params, i, mask) for i, mask in enumerate(masks)], dtype=np.int64)
+    sources = [_source_indices(params, i, mask) for i, mask in enumerate(masks)]
+    params.chosen = np.array(
+        [choose_crop(config, params, i, mask, source) for i, (mask, source) in enumerate(zip(masks, sources))],
+        dtype=np.int64,
+    )
     tables = photometric_tables(params) if config.photometric_distortion else None
     crop = config.crop_size
     pixel_values = np.zeros((len(masks), 3, crop, crop), dtype=np.float32)  # mmseg pads with 0 after normalising
@@ -478,5 +498,5 @@ def augment_encoded_samples(
     for i, (image, mask) in enumerate(zip(images, masks)):
         target = (int(params.resized_height[i]), int(params.resized_width[i])) if allow_draft else None
         bgr = decode_image_bgr(image, mask.shape, target)
-        augment_sample(config, params, i, bgr, mask, tables, pixel_values[i], labels[i])
+        augment_sample(config, params, i, bgr, mask, tables, pixel_values[i], labels[i], sources[i])
     return {"pixel_values": torch.from_numpy(pixel_values), "labels": torch.from_numpy(labels)}

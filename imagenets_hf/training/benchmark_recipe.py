@@ -43,7 +43,7 @@ from imagenets_hf.model.benchmark import (
     tensor_bytes,
 )
 from imagenets_hf.training.benchmark_data import measure_device_path, realistic_samples
-from imagenets_hf.training.data import AugmentedSegmentationDataset
+from imagenets_hf.training.data import AugmentedSegmentationDataset, pack_train_masks
 from imagenets_hf.training.finetune import build_image_processor, build_model
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
@@ -141,11 +141,14 @@ def make_train_step(
 def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0) -> dict[str, float]:
     """Samples/s of the recipe's training data paths on `num_images` realistic 500x375 / 375x500 images
     (`benchmark_data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
-    `worker_samples_per_s` (one DataLoader worker: decode + `AugmentedSegmentationDataset`, a batch at a time) and,
+    `worker_samples_per_s` (one DataLoader worker: decode + `AugmentedSegmentationDataset`, a batch at a time, the
+    masks packed once first as training does) and,
     for the published pipeline, `device_samples_per_s` (the device path on the device that trains, store decoded
     once; CPU here, CUDA where the benchmark runs on a GPU - see `device_device`)."""
     rows = realistic_samples(num_images, recipe.num_labels or 920, seed=seed)
-    dataset = AugmentedSegmentationDataset(rows, train_augmentation_from_recipe(recipe), seed=seed)
+    augmentation = train_augmentation_from_recipe(recipe)
+    masks = pack_train_masks(rows) if isinstance(augmentation, AugmentConfig) else None  # as training does
+    dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed, masks=masks)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:

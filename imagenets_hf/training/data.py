@@ -33,6 +33,7 @@ from imagenets_hf.data.augment import (
     open_image,
 )
 from imagenets_hf.data.augment_device import PixelStore, augment_batch
+from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
 from imagenets_hf.data.transforms import to_tv_tensors
 
 # Large odd constants mixing (seed, position) into one 63-bit generator seed (splitmix-like, no collisions in
@@ -111,13 +112,27 @@ class AugmentedSegmentationDataset(Dataset):
     `__getitems__` makes a whole batch (what the DataLoader asks for), `__getitem__` one sample. `augmentation` is an
     `AugmentConfig` (the published pipeline, draws from (seed, position)) or a torchvision transform (seeded by
     `sample_seed(seed, position)` inside `torch.random.fork_rng`, so the caller's random state is untouched).
+    `masks`: the rows' masks decoded once (`pack_train_masks`), used by the published pipeline instead of decoding
+    each sample's annotation.
     """
 
-    def __init__(self, rows: Any, augmentation: AugmentConfig | Callable, seed: int = 0, allow_draft: bool = True):
+    def __init__(
+        self,
+        rows: Any,
+        augmentation: AugmentConfig | Callable,
+        seed: int = 0,
+        allow_draft: bool = True,
+        masks: PackedMasks | None = None,
+    ):
         self.rows = encoded_rows(rows)
+        if masks is not None and len(masks) != len(self.rows):
+            raise ValueError(f"{len(masks)} packed masks for {len(self.rows)} rows")
+        if masks is not None and isinstance(self.rows, datasets.Dataset) and "annotation" in self.rows.column_names:
+            self.rows = self.rows.remove_columns("annotation")  # not read again
         self.augmentation = augmentation
         self.seed = seed
         self.allow_draft = allow_draft
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -131,9 +146,10 @@ class AugmentedSegmentationDataset(Dataset):
         indices = [int(index) for index, _ in pairs]
         positions = [int(position) for _, position in pairs]
         rows = [self.rows[index] for index in indices]
-        for row, index in zip(rows, indices):
-            if row.get("annotation") is None:
-                raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
+        if self.masks is None:
+            for row, index in zip(rows, indices):
+                if row.get("annotation") is None:
+                    raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
         try:
             if isinstance(self.augmentation, AugmentConfig):
                 return augment_encoded_samples(
@@ -141,7 +157,9 @@ class AugmentedSegmentationDataset(Dataset):
                     self.seed,
                     positions,
                     [row["image"] for row in rows],
-                    [row["annotation"] for row in rows],
+                    [self.masks[index] for index in indices]
+                    if self.masks is not None
+                    else [row["annotation"] for row in rows],
                     allow_draft=self.allow_draft,
                 )
             samples = [self._torchvision_sample(row, position) for row, position in zip(rows, positions)]
@@ -184,16 +202,27 @@ def build_train_dataloader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 4,
+    log: Callable[[str], Any] | None = None,
 ) -> DataLoader:
     """An endless DataLoader of augmented batches for process `rank` of `world_size`, made in worker processes.
 
-    It has its own generator, so creating its iterator does not consume the global torch random state (which a
-    resumed run restores from the checkpoint). OpenCV runs on one thread in this process from here on: the pipeline
-    works a sample at a time per worker, and OpenCV's thread pool does not survive a fork (a worker forked after a
-    multi-threaded OpenCV call in this process hangs in its first OpenCV call).
+    For the published pipeline the masks are decoded once first (`pack_train_masks`; `log` hears how many, how big
+    and how long). The DataLoader has its own generator, so creating its iterator does not consume the global torch
+    random state (which a resumed run restores from the checkpoint). OpenCV runs on one thread in this process from
+    here on: the pipeline works a sample at a time per worker, and OpenCV's thread pool does not survive a fork (a
+    worker forked after a multi-threaded OpenCV call in this process hangs in its first OpenCV call).
     """
     cv2.setNumThreads(1)
-    dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed)
+    masks = None
+    if isinstance(augmentation, AugmentConfig):
+        started = time.perf_counter()
+        masks = pack_train_masks(rows)
+        if log is not None:
+            log(
+                f"Decoded {len(masks)} train-semi masks once into {masks.nbytes / 2**20:.1f} MiB of runs in "
+                f"{time.perf_counter() - started:.1f} s; {num_workers} DataLoader worker(s) decode the images"
+            )
+    dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed, masks=masks)
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
@@ -205,6 +234,28 @@ def build_train_dataloader(
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )
+
+
+def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
+    """Decode every row's mask once (a thread pool: OpenCV decodes without the GIL) into `PackedMasks`. A row without
+    an annotation, or with a mask that cannot be decoded, raises ValueError naming it."""
+    rows = encoded_rows(rows)
+    threads = threads or max(1, min(16, (os.cpu_count() or 1)))
+
+    def encode(index: int) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[int, int]]:
+        row = rows[index]
+        name = row.get("image_id", index)
+        if row.get("annotation") is None:
+            raise ValueError(f"training sample {name!r} has no annotation")
+        try:
+            mask = decode_annotation(row["annotation"])
+        except ValueError as err:
+            raise ValueError(f"training sample {name!r}: {err}") from err
+        return run_length_encode(mask), mask.shape
+
+    with ThreadPoolExecutor(threads) as pool:
+        encoded = list(pool.map(encode, range(len(rows))))
+    return PackedMasks.from_encoded([runs for runs, _ in encoded], [shape for _, shape in encoded])
 
 
 # -- the device path ------------------------------------------------------------------------------------------------

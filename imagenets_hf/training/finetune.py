@@ -375,7 +375,9 @@ def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, ski
             train_rows, augmentation, device=accelerator.device, log=accelerator.print, **common
         )
         return stream.skip(skip)
-    loader = build_train_dataloader(train_rows, augmentation, num_workers=recipe.num_workers, **common)
+    loader = build_train_dataloader(
+        train_rows, augmentation, num_workers=recipe.num_workers, log=accelerator.print, **common
+    )
     return iter(accelerator.skip_first_batches(loader, skip))
 
 
