@@ -82,6 +82,26 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE_ERROR, f"{self.prog}: error: {error_lines(message)[0]} (see --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (counts, sizes, iterations)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (warm-up iterations and such)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {value}")
+    return value
+
+
 def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
     """Wrap a script's `main(argv)`: the wrapped function returns the exit status (None from `main` is 0) and turns
     every error into one line (see the module docstring). Usage errors still raise SystemExit(2) from argparse."""

@@ -22,11 +22,15 @@ from imagenets_hf import cli  # noqa: E402
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=64, help="realistic images generated (default 64)")
-    parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32, help="worker and CPU device batches (default 32)")
-    parser.add_argument("--device-batch-size", type=int, default=256, help="batch on CUDA (default 256)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per contender; the best counts")
+    parser.add_argument("--images", type=cli.positive_int, default=64, help="realistic images generated (default 64)")
+    parser.add_argument("--crop-size", type=cli.positive_int, default=224)
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=32, help="worker and CPU device batches (default 32)"
+    )
+    parser.add_argument("--device-batch-size", type=cli.positive_int, default=256, help="batch on CUDA (default 256)")
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=3, help="timed passes per contender; the best counts"
+    )
     args = parser.parse_args(argv)
     from imagenets_hf.training.benchmark_data import format_data_table, run_data_benchmark
 

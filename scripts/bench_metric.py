@@ -22,10 +22,10 @@ from imagenets_hf.evaluation.benchmark import run_metric_benchmark  # noqa: E402
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--height", type=int, default=375)
-    parser.add_argument("--width", type=int, default=500)
-    parser.add_argument("--num-labels", type=int, default=920)
+    parser.add_argument("--images", type=cli.positive_int, default=200)
+    parser.add_argument("--height", type=cli.positive_int, default=375)
+    parser.add_argument("--width", type=cli.positive_int, default=500)
+    parser.add_argument("--num-labels", type=cli.positive_int, default=920)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result = run_metric_benchmark(args.images, args.height, args.width, args.num_labels, args.seed)

@@ -27,11 +27,13 @@ from imagenets_hf.runtime import DTYPE_NAMES  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated timm encoder names")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before each measurement")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--num-labels", type=int, default=920)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=4)
+    parser.add_argument("--iters", type=cli.positive_int, default=3, help="timed iterations per measurement")
+    parser.add_argument(
+        "--warmup", type=cli.non_negative_int, default=1, help="untimed iterations before each measurement"
+    )
+    parser.add_argument("--image-size", type=cli.positive_int, default=224)
+    parser.add_argument("--num-labels", type=cli.positive_int, default=920)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--dtype",
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=["auto", *DTYPE_NAMES],
         help="autocast dtype; auto: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU",
     )
-    parser.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 8192 CUDA, 2048 CPU)")
+    parser.add_argument(
+        "--matmul-size", type=cli.non_negative_int, default=0, help="side of the peak matmul (0: 8192 CUDA, 2048 CPU)"
+    )
     args = parser.parse_args(argv)
     summary = run_model_benchmark(
         models=args.models.split(","),

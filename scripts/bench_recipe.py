@@ -33,9 +33,13 @@ from imagenets_hf.training.benchmark_recipe import (  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--recipes", default=",".join(PUBLISHED_RECIPES), help="comma-separated recipe names or files")
-    parser.add_argument("--iters", type=int, default=10, help="timed training iterations")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (the first one compiles)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per device (default: the recipe's 32; --toy 2)")
+    parser.add_argument("--iters", type=cli.positive_int, default=10, help="timed training iterations")
+    parser.add_argument(
+        "--warmup", type=cli.non_negative_int, default=2, help="untimed iterations first (the first one compiles)"
+    )
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=None, help="per device (default: the recipe's 32; --toy 2)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--mixed-precision",
@@ -45,15 +49,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor)")
     parser.add_argument("--toy", action="store_true", help="a 2-block ViT 32 wide at 64 px, batch 2 (CPU, CI)")
-    parser.add_argument("--image-size", type=int, default=None, help="training crop and evaluation short side")
-    parser.add_argument("--encoder-kwargs", default=None, help='timm overrides as YAML, e.g. "{depth: 2}"')
-    parser.add_argument("--eval-iters", type=int, default=10, help="images timed one at a time for eval fps")
-    parser.add_argument("--data-images", type=int, default=8, help="generated 500x375 images for the data path")
     parser.add_argument(
-        "--data-workers", type=int, default=None, help="workers the data-bound time assumes (default: recipe's)"
+        "--image-size", type=cli.positive_int, default=None, help="training crop and evaluation short side"
+    )
+    parser.add_argument("--encoder-kwargs", default=None, help='timm overrides as YAML, e.g. "{depth: 2}"')
+    parser.add_argument(
+        "--eval-iters", type=cli.positive_int, default=10, help="images timed one at a time for eval fps"
     )
     parser.add_argument(
-        "--matmul-size", type=int, default=0, help="peak matmul side (0: 8192 CUDA, 2048 CPU, 512 --toy)"
+        "--data-images", type=cli.positive_int, default=8, help="generated 500x375 images for the data path"
+    )
+    parser.add_argument(
+        "--data-workers",
+        type=cli.positive_int,
+        default=None,
+        help="workers the data-bound time assumes (default: recipe's)",
+    )
+    parser.add_argument(
+        "--matmul-size",
+        type=cli.non_negative_int,
+        default=0,
+        help="peak matmul side (0: 8192 CUDA, 2048 CPU, 512 --toy)",
     )
     args = parser.parse_args(argv)
     overrides = {}

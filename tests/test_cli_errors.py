@@ -116,6 +116,23 @@ def test_other_usage_errors(data_dir, tmp_path, monkeypatch, capsys):
     assert lines[0].endswith("'{depth: 1}' (see --help)") and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "line"),
+    [
+        ("bench_data", ["--images", "0"], "argument --images: expected an integer of at least 1, got 0"),
+        ("bench_data", ["--repeats", "x"], "argument --repeats: expected an integer, got 'x'"),
+        ("bench_recipe", ["--toy", "--iters", "0"], "argument --iters: expected an integer of at least 1, got 0"),
+        ("bench_recipe", ["--toy", "--warmup", "-1"], "argument --warmup: expected an integer of at least 0, got -1"),
+        ("bench_model", ["--batch-size", "0"], "argument --batch-size: expected an integer of at least 1, got 0"),
+        ("bench_metric", ["--images", "-5"], "argument --images: expected an integer of at least 1, got -5"),
+    ],
+)
+def test_benchmarks_refuse_counts_that_measure_nothing(script, args, line, monkeypatch, capsys):
+    """Zero images or iterations used to end in a division by zero reported as an unexpected error."""
+    status, lines = run_script(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert (status, lines) == (2, [f"{script}.py: error: {line} (see --help)"])
+
+
 # -- runtime errors: exit 1, `<script>: error: <message>`, nothing written -------------------------------------------
 
 

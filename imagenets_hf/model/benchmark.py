@@ -33,9 +33,11 @@ DEFAULT_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 class PlainViTFCN(nn.Module):
     """The peer: timm's VisionTransformer.forward_features, then the published FCN head written plainly."""
 
-    def __init__(self, encoder_name: str, num_labels: int):
+    def __init__(self, encoder_name: str, num_labels: int, image_size: int = 224):
         super().__init__()
-        self.encoder = timm.create_model(encoder_name, pretrained=False, num_classes=0, drop_path_rate=0.1)
+        self.encoder = timm.create_model(
+            encoder_name, pretrained=False, num_classes=0, drop_path_rate=0.1, img_size=image_size
+        )
         width = self.encoder.embed_dim
         self.fuse = nn.Sequential(
             nn.Conv2d(2 * width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
@@ -199,9 +201,14 @@ def bench_encoder(
 ) -> dict:
     """One encoder: ours vs the timm peer on the same weights; logits agreement, FLOPs, throughput, peak memory."""
     torch.manual_seed(0)
-    config = ViTFCNConfig.from_preset("fcn", encoder_name=encoder_name, num_labels=num_labels)
+    config = ViTFCNConfig.from_preset(
+        "fcn", encoder_name=encoder_name, num_labels=num_labels, encoder_kwargs={"img_size": image_size}
+    )
     ours = ViTFCNForSemanticSegmentation(config).to(device)
-    peer = PlainViTFCN(encoder_name, num_labels).to(device)
+    patch = ours.encoder.patch_embed.patch_size[0]
+    if image_size % patch:
+        raise ValueError(f"--image-size {image_size} is not a multiple of {encoder_name}'s patch size {patch}")
+    peer = PlainViTFCN(encoder_name, num_labels, image_size).to(device)
     peer.load_from(ours)
     size = image_size
     inputs = torch.randn(batch_size, 3, size, size, device=device)
