@@ -6,6 +6,7 @@
 - `resolve_dtype` / `DTYPE_NAMES`: every precision name the command lines and recipes use ("fp32", "bf16", "fp16",
   the long torch names, accelerate's "no") and `"auto"`; `autocast_dtype` turns accelerate's `mixed_precision`
   into the autocast dtype evaluation uses.
+- `describe_machine`: the words that name where a figure was measured (the GPU's name, or the CPU and its cores).
 - `RssPeak`: the peak resident memory of the process while a block runs, sampled every 2 ms (CPU tensors have no
   allocator statistics; tracemalloc does not see torch's allocations).
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import threading
 
@@ -35,6 +37,16 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """ "NVIDIA H100 80GB HBM3" on a CUDA device (the current one when `device` is None and CUDA is there), else
+    "x86_64 CPU, 16 cores"."""
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine() or 'unknown'} CPU, {os.cpu_count()} cores"
 
 
 def accelerator_available() -> bool:

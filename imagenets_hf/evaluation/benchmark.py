@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import tempfile
 import time
 import tracemalloc
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from imagenets_hf.evaluation.metrics import SegmentationEvaluator
-from imagenets_hf.runtime import RssPeak
+from imagenets_hf.runtime import RssPeak, describe_machine
 
 IGNORE = 1000
 
@@ -104,6 +103,6 @@ def run_metric_benchmark(num_images=200, height=375, width=500, num_labels=920, 
         "num_labels": num_labels,
         "cpu_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "machine": platform.machine(),
+        "machine": describe_machine(torch.device("cpu")),
         "contenders": contenders,
     }

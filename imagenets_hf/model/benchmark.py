@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from imagenets_hf.model import ViTFCNConfig, ViTFCNForSemanticSegmentation
-from imagenets_hf.runtime import RssPeak, resolve_device, resolve_dtype
+from imagenets_hf.runtime import RssPeak, describe_machine, resolve_device, resolve_dtype
 
 DEFAULT_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
@@ -322,10 +321,7 @@ def run_model_benchmark(
     log = log or (lambda line: None)
     matmul_size = matmul_size or (8192 if torch_device.type == "cuda" else 2048)
     peak_flops = measure_matmul_peak(torch_device, torch_dtype, matmul_size)
-    if torch_device.type == "cuda":
-        machine = torch.cuda.get_device_name(torch_device)
-    else:
-        machine = f"{platform.processor() or 'cpu'}"
+    machine = describe_machine(torch_device)
     log(f"device {torch_device} ({machine}), {torch.get_num_threads()} threads, dtype {torch_dtype}")
     log(f"matmul peak ({matmul_size}^2, {torch_dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
 

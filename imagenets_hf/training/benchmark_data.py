@@ -21,7 +21,6 @@ textured background and 1-3 objects covering 10-50% of the image, each outlined 
 from __future__ import annotations
 
 import io
-import platform
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from imagenets_hf.data.augment import (
 )
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, ids_to_annotation
 from imagenets_hf.data.packed_masks import PackedMasks
+from imagenets_hf.runtime import describe_machine
 from imagenets_hf.training.data import decode_store, pack_train_masks
 
 IMAGENET_IMAGE_SIZES = ((500, 375), (375, 500))  # (width, height) of most ImageNet photos, both orientations
@@ -324,8 +324,7 @@ def run_data_benchmark(
         "device_cpu_vs_worker": round(rates["device_cpu"] / rates["worker"], 2),
         "torch": torch.__version__,
         "opencv_version": cv2.__version__,
-        "machine": platform.machine(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": describe_machine(torch.device("cpu")),
     }
     if "device_cuda" in rates:
         result["cuda_device"] = torch.cuda.get_device_name()

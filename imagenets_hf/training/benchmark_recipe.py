@@ -19,7 +19,6 @@ import contextlib
 import gc
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from imagenets_hf.model.benchmark import (
     synchronize,
     tensor_bytes,
 )
+from imagenets_hf.runtime import describe_machine
 from imagenets_hf.training.benchmark_data import measure_device_path, realistic_samples
 from imagenets_hf.training.data import AugmentedSegmentationDataset, pack_train_masks
 from imagenets_hf.training.finetune import build_image_processor, build_model
@@ -394,10 +394,7 @@ def run_recipe_benchmark(
     torch_device = resolve_device(device)
     batch_size = batch_size or (TOY_BATCH_SIZE if toy else None)
     matmul_size = matmul_size or (8192 if torch_device.type == "cuda" else 512 if toy else 2048)
-    if torch_device.type == "cuda":
-        machine = torch.cuda.get_device_name(torch_device)
-    else:
-        machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    machine = describe_machine(torch_device)
     log(f"device {torch_device} ({machine}), {torch.get_num_threads()} threads")
 
     peaks: dict[torch.dtype, float] = {}

@@ -236,11 +236,16 @@ def build_train_dataloader(
     )
 
 
+def decode_threads() -> int:
+    """Threads that decode a split once (OpenCV and PIL decode without the GIL): one a core, at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
 def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
     """Decode every row's mask once (a thread pool: OpenCV decodes without the GIL) into `PackedMasks`. A row without
     an annotation, or with a mask that cannot be decoded, raises ValueError naming it."""
     rows = encoded_rows(rows)
-    threads = threads or max(1, min(16, (os.cpu_count() or 1)))
+    threads = threads or decode_threads()
 
     def encode(index: int) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[int, int]]:
         row = rows[index]
@@ -266,7 +271,7 @@ def decode_store(rows: Any, threads: int | None = None) -> PixelStore:
     with a thread pool (OpenCV and PIL decode without the GIL)."""
     rows = encoded_rows(rows)
     count = len(rows)
-    threads = threads or max(1, min(16, (os.cpu_count() or 1)))
+    threads = threads or decode_threads()
 
     def decode(index: int) -> tuple[np.ndarray, np.ndarray]:
         row = rows[index]

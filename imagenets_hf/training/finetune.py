@@ -24,6 +24,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
+from imagenets_hf.runtime import describe_machine
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
@@ -152,7 +153,6 @@ def write_model_card(
     reported, the machine), a picture of its predictions (`predictions.png`, drawn from the saved weights by
     `imagenets_hf.evaluation.overlays.write_prediction_grid` when they are there), the per-class table and the
     resolved recipe."""
-    import platform
     import re
 
     from imagenets_hf.training.recipes import RECIPES_DIR
@@ -167,10 +167,7 @@ def write_model_card(
         if found:
             reported = f"{found.group(2)} on {found.group(1)}"
     processes = runtime.get("num_processes") or 1
-    if torch.cuda.is_available():
-        machine = f"{processes} x {torch.cuda.get_device_name()}"
-    else:
-        machine = f"{processes} process(es) on a {platform.machine()} CPU ({os.cpu_count()} cores)"
+    machine = f"{processes} process(es) on {describe_machine()}"
     encoder = f"`{recipe.encoder_name}`" + (f" {dict(recipe.encoder_kwargs)}" if recipe.encoder_kwargs else "")
     lines = [
         "---",
