@@ -146,10 +146,10 @@ class AugmentedSegmentationDataset(Dataset):
         indices = [int(index) for index, _ in pairs]
         positions = [int(position) for _, position in pairs]
         rows = [self.rows[index] for index in indices]
-        if self.masks is None:
-            for row, index in zip(rows, indices):
-                if row.get("annotation") is None:
-                    raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
+        if self.masks is not None:
+            annotations = [self.masks[index] for index in indices]
+        else:
+            annotations = [training_annotation(row, index) for row, index in zip(rows, indices)]
         try:
             if isinstance(self.augmentation, AugmentConfig):
                 return augment_encoded_samples(
@@ -157,9 +157,7 @@ class AugmentedSegmentationDataset(Dataset):
                     self.seed,
                     positions,
                     [row["image"] for row in rows],
-                    [self.masks[index] for index in indices]
-                    if self.masks is not None
-                    else [row["annotation"] for row in rows],
+                    annotations,
                     allow_draft=self.allow_draft,
                 )
             samples = [self._torchvision_sample(row, position) for row, position in zip(rows, positions)]
@@ -177,6 +175,13 @@ class AugmentedSegmentationDataset(Dataset):
             "pixel_values": image.as_subclass(torch.Tensor).contiguous(),
             "labels": mask.as_subclass(torch.Tensor).long().contiguous(),
         }
+
+
+def training_annotation(row: dict[str, Any], index: int) -> Any:
+    """The annotation of training row `index`; ValueError naming the sample when it has none."""
+    if row.get("annotation") is None:
+        raise ValueError(f"training sample {row.get('image_id', index)!r} has no annotation")
+    return row["annotation"]
 
 
 def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -249,13 +254,11 @@ def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
 
     def encode(index: int) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[int, int]]:
         row = rows[index]
-        name = row.get("image_id", index)
-        if row.get("annotation") is None:
-            raise ValueError(f"training sample {name!r} has no annotation")
+        annotation = training_annotation(row, index)
         try:
-            mask = decode_annotation(row["annotation"])
+            mask = decode_annotation(annotation)
         except ValueError as err:
-            raise ValueError(f"training sample {name!r}: {err}") from err
+            raise ValueError(f"training sample {row.get('image_id', index)!r}: {err}") from err
         return run_length_encode(mask), mask.shape
 
     with ThreadPoolExecutor(threads) as pool:
