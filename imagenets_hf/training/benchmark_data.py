@@ -229,13 +229,15 @@ def worker_path_step(config: AugmentConfig, rows: list[dict], batch_size: int = 
     same draws: the same work) every call; with `masks` (the rows' packed masks, as training makes them at its
     start) the masks come from there instead of being decoded."""
     images = [row["image"] for row in rows]
-    annotations = [row["annotation"] for row in rows] if masks is None else [masks[i] for i in range(len(rows))]
+    annotations = [row["annotation"] for row in rows]
 
     def step():
         for start in range(0, len(rows), batch_size):
             end = min(start + batch_size, len(rows))
             positions = list(range(start, end))
-            augment_encoded_samples(config, 0, positions, images[start:end], annotations[start:end])
+            # expanded here, in the timed step, as the training Dataset does for each batch
+            batch_annotations = annotations[start:end] if masks is None else [masks[i] for i in range(start, end)]
+            augment_encoded_samples(config, 0, positions, images[start:end], batch_annotations)
 
     return step
 
