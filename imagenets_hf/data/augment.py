@@ -392,14 +392,14 @@ def choose_crop(
     params: AugmentParams,
     sample: int,
     mask: np.ndarray,
-    source: tuple[np.ndarray, np.ndarray] | None = None,
+    source: tuple[np.ndarray, np.ndarray],
 ) -> int:
     """`augment_device.choose_crops` for sample `sample` of `params` and its (H, W) mask, in NumPy. `source`: the
-    sample's `_source_indices`, when the caller has them."""
+    sample's `_source_indices`."""
     if config.cat_max_ratio >= 1.0:
         return 0
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
-    rows, columns = source if source is not None else _source_indices(params, sample, mask)
+    rows, columns = source
     for draw in range(config.max_tries):
         top, left = params.tops[sample, draw], params.lefts[sample, draw]
         window = mask[rows[top : top + height]][:, columns[left : left + width]]
@@ -417,16 +417,16 @@ def augment_sample(
     tables: PhotometricTables | None,
     pixel_values: np.ndarray,
     labels: np.ndarray,
-    source: tuple[np.ndarray, np.ndarray] | None = None,
+    source: tuple[np.ndarray, np.ndarray],
 ) -> None:
     """Augment sample `sample` of `params` (its crop chosen) into `pixel_values` (3, crop, crop) float32 and
     `labels` (crop, crop), which hold the padding values. `image`: BGR, possibly a reduced decode of the image of
-    the (H, W) `mask`; `source`: the sample's `_source_indices`, when the caller has them."""
+    the (H, W) `mask`; `source`: the sample's `_source_indices` (computed once for the crop test and this)."""
     draw = params.chosen[sample]
     top, left = int(params.tops[sample, draw]), int(params.lefts[sample, draw])
     height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
     flip = bool(params.flip[sample])
-    rows, columns = source if source is not None else _source_indices(params, sample, mask)
+    rows, columns = source
     columns = columns[left : left + width]
     labels[:height, :width] = mask[rows[top : top + height]][:, columns[::-1] if flip else columns]
 

@@ -3,7 +3,7 @@ for our two data paths against two peers, on the same realistic images, in one r
 
 Contenders (each decodes the JPEG and the mask and runs the published steps: keep-ratio resize to (1024, 256) x
 U(0.5, 2), 224 crop with cat_max_ratio 0.75 and 10 retries, flip, photometric distortion, normalise, pad):
-- `worker`: our DataLoader-worker path (`imagenets_hf.data.augment.augment_encoded_samples`), a batch at a time, as
+- `worker`: our DataLoader-worker path (`training.data.AugmentedSegmentationDataset`), a batch at a time, as
   training runs it: the masks decoded once at the start (`training.data.pack_train_masks`), that packing charged at
   1/`DRAWS_PER_IMAGE` of its cost per sample (each image is drawn at least that often by a published recipe);
   `worker_decoding_masks`: the same decoding each sample's mask, as the peers do.
@@ -33,13 +33,12 @@ from imagenets_hf.data.augment import (
     IMAGENET_MEAN_255,
     IMAGENET_STD_255,
     AugmentConfig,
-    augment_encoded_samples,
     draw_params,
 )
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, ids_to_annotation
 from imagenets_hf.data.packed_masks import PackedMasks
 from imagenets_hf.runtime import describe_machine
-from imagenets_hf.training.data import decode_store, pack_train_masks
+from imagenets_hf.training.data import AugmentedSegmentationDataset, decode_store, pack_train_masks
 
 IMAGENET_IMAGE_SIZES = ((500, 375), (375, 500))  # (width, height) of most ImageNet photos, both orientations
 # Samples drawn per train-semi image by the published recipe that draws the fewest: 919's 3,600 x 256 over 9,190
@@ -225,19 +224,16 @@ def _interleaved_rates(steps: dict[str, Any], count: int, repeats: int) -> dict[
 
 
 def worker_path_step(config: AugmentConfig, rows: list[dict], batch_size: int = 32, masks: PackedMasks | None = None):
-    """A callable running our DataLoader-worker path over `rows` (one thread), at the same stream positions (so the
-    same draws: the same work) every call; with `masks` (the rows' packed masks, as training makes them at its
-    start) the masks come from there instead of being decoded."""
-    images = [row["image"] for row in rows]
-    annotations = [row["annotation"] for row in rows]
+    """A callable running our DataLoader-worker path (the training `AugmentedSegmentationDataset`, a batch at a time)
+    over `rows` in this thread, at the same stream positions (so the same draws: the same work) every call; with
+    `masks` (the rows' packed masks, as training makes them at its start) the masks come from there instead of being
+    decoded."""
+    dataset = AugmentedSegmentationDataset(rows, config, seed=0, masks=masks)
 
     def step():
         for start in range(0, len(rows), batch_size):
-            end = min(start + batch_size, len(rows))
-            positions = list(range(start, end))
-            # expanded here, in the timed step, as the training Dataset does for each batch
-            batch_annotations = annotations[start:end] if masks is None else [masks[i] for i in range(start, end)]
-            augment_encoded_samples(config, 0, positions, images[start:end], batch_annotations)
+            keys = [(index, index) for index in range(start, min(start + batch_size, len(rows)))]
+            dataset.__getitems__(keys)
 
     return step
 

@@ -250,6 +250,8 @@ def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
     """Decode every row's mask once (a thread pool: OpenCV decodes without the GIL) into `PackedMasks`. A row without
     an annotation, or with a mask that cannot be decoded, raises ValueError naming it."""
     rows = encoded_rows(rows)
+    if isinstance(rows, datasets.Dataset):  # read the masks (and names), not every image's bytes
+        rows = rows.select_columns([name for name in ("annotation", "image_id") if name in rows.column_names])
     threads = threads or decode_threads()
 
     def encode(index: int) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[int, int]]:
