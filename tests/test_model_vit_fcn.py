@@ -373,3 +373,74 @@ def test_batchnorm_converts_to_syncbatchnorm():
     with torch.no_grad():
         # in eval mode SyncBatchNorm runs the same F.batch_norm on the same running statistics: exact
         torch.testing.assert_close(converted(pixel_values).logits, before, atol=0, rtol=0)
+
+
+def test_drop_path_on_the_mlp_branch_only_as_mmsegmentation():
+    """mmsegmentation's ViT layer (0.x and 1.x) is x + attn(ln1(x)), then x + drop_path(ffn(ln2(x))) with block i of n
+    at rate drop_path_rate * i / (n - 1) (torch.linspace); timm's block drops both branches at the same rates."""
+    depth, rate = 4, 0.3
+    encoder_kwargs = {**TINY_ENCODER, "depth": depth}
+    both = ViTFCNForSemanticSegmentation(tiny_config(encoder_kwargs=encoder_kwargs, drop_path_rate=rate))
+    mlp = ViTFCNForSemanticSegmentation(
+        tiny_config(encoder_kwargs=encoder_kwargs, drop_path_rate=rate, drop_path_branches="mlp")
+    )
+    assert both.config.drop_path_branches == "both" and mlp.config.drop_path_branches == "mlp"
+    mmseg_rates = torch.linspace(0, rate, depth).tolist()  # mmseg's `dpr` (float32 values, as timm's)
+
+    def rates(block, branch):
+        module = getattr(block, f"drop_path{branch}")
+        return getattr(module, "drop_prob", 0.0)  # an Identity drops nothing
+
+    assert [rates(b, 2) for b in mlp.encoder.blocks] == mmseg_rates
+    assert [rates(b, 1) for b in mlp.encoder.blocks] == [0.0] * depth
+    assert [rates(b, 2) for b in both.encoder.blocks] == mmseg_rates
+    assert [rates(b, 1) for b in both.encoder.blocks] == mmseg_rates
+    # Stochastic depth holds no weights: the same state dict keys either way.
+    assert both.state_dict().keys() == mlp.state_dict().keys()
+
+
+def test_mlp_drop_path_keeps_the_attention_residual_in_training():
+    """At rate 1 the last block's dropped branches contribute exactly nothing: with "mlp" its output is
+    x + attn(norm1(x)) (mmseg's layer with its FFN dropped), with "both" it is x."""
+    torch.manual_seed(3)
+    models = {
+        branches: ViTFCNForSemanticSegmentation(tiny_config(drop_path_rate=1.0, drop_path_branches=branches)).train()
+        for branches in ("both", "mlp")
+    }
+    models["mlp"].load_state_dict(models["both"].state_dict())
+    x = torch.randn(2, 17, TINY_ENCODER["embed_dim"])
+    block = models["mlp"].encoder.blocks[-1]  # rate linspace(0, 1, 2)[-1] = 1
+    with torch.no_grad():
+        attention_residual = x + block.attn(block.norm1(x))
+        assert not torch.allclose(attention_residual, x)  # the attention branch is not zero by itself
+        torch.testing.assert_close(block(x), attention_residual, rtol=0, atol=0)
+        torch.testing.assert_close(models["both"].encoder.blocks[-1](x), x, rtol=0, atol=0)
+        # In evaluation nothing is dropped: both models are the same function.
+        pixel_values = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(
+            models["mlp"].eval()(pixel_values).logits, models["both"].eval()(pixel_values).logits
+        )
+
+
+def test_drop_path_branches_default_and_old_configs(tmp_path):
+    """Configs saved before the field existed load as "both" (timm's blocks, what those models trained with); a saved
+    "mlp" stays "mlp"; an unknown value or a block without the two branches is refused."""
+    import json
+
+    from imagenets_hf.model.encoder import drop_path_only_on_mlp
+
+    assert tiny_config().drop_path_branches == "both"
+    tiny_config(drop_path_branches="mlp").save_pretrained(tmp_path / "new")
+    assert ViTFCNConfig.from_pretrained(tmp_path / "new").drop_path_branches == "mlp"
+    old = json.loads((tmp_path / "new" / "config.json").read_text())
+    del old["drop_path_branches"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    config = ViTFCNConfig.from_pretrained(tmp_path / "old")
+    assert config.drop_path_branches == "both"
+    with pytest.raises(ValueError, match="drop_path_branches must be one of"):
+        tiny_config(drop_path_branches="attention")
+    not_a_vit = torch.nn.Module()
+    not_a_vit.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="block 0 is a Linear: use 'both'"):
+        drop_path_only_on_mlp(not_a_vit)

@@ -6,6 +6,7 @@ example, in tests/test_docs_examples.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -224,3 +225,45 @@ def test_pretrained_encoder_weights_are_loaded(mini_dir, tmp_path, pretrained_ke
     saved = load_file(tmp_path / "pretrained" / "model.safetensors")
     for name, tensor in source.state_dict().items():
         assert torch.equal(saved[f"encoder.{name}"], tensor), name
+
+
+def test_train_step_returns_the_lr_it_stepped_with():
+    """mmcv logs the lr the iteration used; `train_step` returns (and the loop logs) the head group's lr read before
+    the scheduler moves on. Warmup 4 iterations from ratio 0.1, base 1e-3, min_lr 0, 10 iterations (hand-computed:
+    lr(0) = 1e-3 x 0.1; lr(1) = 1e-3 x (1 + cos(pi / 10)) / 2 x (1 - 0.75 x 0.9) = 3.1705e-4). Adam's first step
+    moves each weight by lr x g / (|g| + eps): the returned lr is also the one the update used."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from imagenets_hf.training.finetune import train_step
+    from imagenets_hf.training.optim import WarmupCosineLR
+
+    class Quadratic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, pixel_values, labels):
+            return SimpleNamespace(loss=((self.weight - pixel_values) ** 2).sum())
+
+    model = Quadratic()
+    optimizer = torch.optim.AdamW([{"params": [model.weight], "lr": 1e-3}], weight_decay=0.0, eps=1e-12)
+    scheduler = WarmupCosineLR(optimizer, max_iters=10, warmup_iters=4, warmup_ratio=0.1, min_lr=0.0)
+    batch = {"pixel_values": torch.tensor([1.0, -2.0, 3.0]), "labels": torch.zeros(1)}
+    run = SimpleNamespace(
+        accelerator=Accelerator(cpu=True),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=iter([batch, batch]),
+        accumulation=1,
+        recipe=SimpleNamespace(grad_clip=None),
+        last_checkpoint=None,
+    )
+    before = model.weight.detach().clone()
+    _, lr0 = train_step(run, 0)
+    assert lr0 == pytest.approx(1e-4, rel=1e-12)  # float64 products; the next iteration's lr is 3.2x larger
+    torch.testing.assert_close(model.weight.detach() - before, torch.full((3,), 1e-4) * torch.tensor([1.0, -1, 1]))
+    _, lr1 = train_step(run, 1)
+    assert lr1 == pytest.approx(1e-3 * (1 + math.cos(math.pi / 10)) / 2 * (1 - 0.75 * 0.9), rel=1e-12)

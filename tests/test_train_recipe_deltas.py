@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 
+from imagenets_hf.model.configuration_vit_fcn import DROP_PATH_BRANCHES as MODEL_DROP_PATH_BRANCHES
 from imagenets_hf.model.configuration_vit_fcn import PRESETS
 from imagenets_hf.training.finetune import build_model
 from imagenets_hf.training.optim import layer_decay_param_groups
 from imagenets_hf.training.recipes import (
+    DROP_PATH_BRANCHES,
     HEADS,
     Recipe,
     available_recipes,
@@ -26,6 +28,9 @@ from imagenets_hf.training.recipes import (
 # description and output folder.
 PUBLISHED_ROW = {"name", "description", "encoder_name", "pretrained", "lr", "layer_decay", "output_dir"}
 UNPUBLISHED = {"dinov2-small-linear", "dinov2-base-fcn"}
+# What the unpublished recipes state beyond that: the two published choices that only mmsegmentation's code made
+# (stochastic depth on the MLP branch alone, weight decay on the tokens), which DINOv2's blocks and tokens do not take.
+UNPUBLISHED_EXTRA = {"head": None, "drop_path_branches": "both", "no_weight_decay_tokens": True}
 
 
 def stated_fields(name: str) -> dict:
@@ -52,12 +57,40 @@ def test_unpublished_recipes_are_marked_and_kept_apart():
         assert "Reported mIoU" not in text  # the model card reads a reported figure from that line
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.description.startswith("Not published for ImageNet-S")
-        assert set(stated_fields(name)) <= PUBLISHED_ROW | {"head"}
+        stated = stated_fields(name)
+        assert set(stated) <= PUBLISHED_ROW | set(UNPUBLISHED_EXTRA)
+        assert all(stated[key] == value for key, value in UNPUBLISHED_EXTRA.items() if value is not None)
         assert (recipe.max_iters, recipe.global_batch_size, recipe.subset) == (3600, 256, "919")  # the defaults
 
 
 def test_recipe_heads_are_the_model_presets():
     assert set(HEADS) == set(PRESETS)
+    assert DROP_PATH_BRANCHES == MODEL_DROP_PATH_BRANCHES
+
+
+@pytest.mark.parametrize("name", sorted(set(available_recipes()) - {"demo"}))
+def test_published_recipes_train_as_the_mmseg_runs(name):
+    """The real encoders (meta device). Stochastic depth: mmseg's ViT layer drops only its FFN branch, block i at
+    0.1 * i / 11. Weight decay: mmseg's LearningRateDecayOptimizerConstructor (num_layers = 12 + 2) puts
+    backbone.cls_token and backbone.pos_embed (3-D, names not equal to the bare 'cls_token' / 'pos_embed') in group
+    layer_0_decay with the patch projection's weight: weight decay 0.05, lr scale decay_rate ** (14 - 0 - 1)."""
+    recipe = load_recipe(name)
+    with torch.device("meta"):
+        model = build_model(recipe, ["other", "goldfish", "shark"])
+    blocks = model.encoder.blocks
+    assert len(blocks) == 12
+    assert all(isinstance(block.drop_path1, torch.nn.Identity) for block in blocks)
+    assert [getattr(block.drop_path2, "drop_prob", 0.0) for block in blocks] == torch.linspace(0, 0.1, 12).tolist()
+    groups = layer_decay_param_groups(
+        model, recipe.lr, recipe.weight_decay, recipe.layer_decay, recipe.no_weight_decay_tokens
+    )
+    by_param = {n: g for g in groups for n in g["param_names"]}
+    tokens = by_param["encoder.cls_token"]
+    assert by_param["encoder.pos_embed"] is tokens and by_param["encoder.patch_embed.proj.weight"] is tokens
+    assert tokens["weight_decay"] == 0.05
+    # float64 powers against the hand-written exponent (default rel 1e-6); an id off by one is 1 / decay apart
+    assert tokens["lr_scale"] == pytest.approx(recipe.layer_decay**13)
+    assert tokens["lr"] == pytest.approx(recipe.lr * recipe.layer_decay**13)
 
 
 @pytest.mark.parametrize("name", sorted(UNPUBLISHED))
@@ -68,6 +101,10 @@ def test_unpublished_recipes_layer_ids_fit_their_real_encoder(name):
     with torch.device("meta"):
         model = build_model(recipe, ["other", "goldfish", "shark"])
     assert model.num_layers == 12 and model.config.encoder_forward == "timm"
+    # timm's / DINOv2's stochastic depth: both branches of block i at 0.1 * i / 11
+    rates = torch.linspace(0, recipe.drop_path_rate, 12).tolist()
+    for branch in ("drop_path1", "drop_path2"):
+        assert [getattr(getattr(b, branch), "drop_prob", 0.0) for b in model.encoder.blocks] == rates
     assert model.config.head == recipe.head
     ids = {name: model.get_layer_id(name) for name, _ in model.named_parameters()}
     assert ids["encoder.reg_token"] == ids["encoder.cls_token"] == ids["encoder.pos_embed"] == 0

@@ -45,8 +45,9 @@ def test_published_recipe_values(name):
     assert recipe.val_interval == 360
     # optimiser: AdamW betas (0.9, 0.999), weight decay 0.05
     assert recipe.betas == [0.9, 0.999] and recipe.weight_decay == 0.05
-    # model: drop path 0.1, the FCN head (mmseg), ImageNet-S919 (920 labels), fp16
-    assert recipe.drop_path_rate == 0.1 and recipe.head == "fcn"
+    assert recipe.no_weight_decay_tokens is False  # mmseg decayed cls_token and pos_embed (optim.py)
+    # model: drop path 0.1 on the MLP branch only (mmseg's ViT), the FCN head (mmseg), ImageNet-S919 (920 labels), fp16
+    assert recipe.drop_path_rate == 0.1 and recipe.drop_path_branches == "mlp" and recipe.head == "fcn"
     assert recipe.subset == "919" and recipe.num_labels == 920
     assert recipe.mixed_precision == "fp16"
     # pipeline: scale (1024, 256) x [0.5, 2], 224 crops, cat_max_ratio 0.75, flip 0.5, photometric distortion

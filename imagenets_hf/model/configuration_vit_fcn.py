@@ -16,6 +16,10 @@ HEADS = ("fcn", "linear", "multilayer")
 DEFAULT_OUT_INDICES = {"fcn": [-1], "linear": [-1], "multilayer": [-4, -3, -2, -1]}
 # How the encoder runs (encoder.py): the reference recipe's ViT forward, timm's, or chosen by the encoder's kind.
 ENCODER_FORWARDS = ("auto", "reference", "timm")
+# Which residual branches of each encoder block stochastic depth drops (encoder.py): timm's and DINOv2's blocks drop
+# both (attention and MLP); mmsegmentation's ViT (TransformerEncoderLayer), which the published recipes ran on, only
+# the MLP branch (its attention's dropout_layer is a zero-rate Dropout).
+DROP_PATH_BRANCHES = ("both", "mlp")
 
 # The published decoders and DINOv2's. "fcn": mmsegmentation's fcn_*_3600_imagenets919 head (one 3x3 conv on
 # cat([x, x]) + BatchNorm + ReLU, then a 1x1 classifier; loss averaged over all pixels). "linear":
@@ -72,7 +76,11 @@ class ViTFCNConfig(PretrainedConfig):
             position-embedding resize), `"timm"` (timm's `forward_intermediates` with dynamic image size) or
             `"auto"` (reference for a plain ViT like the published ones, timm for DINOv2, DINOv3, EVA-02, ...; the
             model writes back the one it runs). See `encoder.py`.
-        drop_path_rate (`float`): stochastic depth rate, linearly spaced over the blocks (timm).
+        drop_path_rate (`float`): stochastic depth rate, linearly spaced over the blocks (timm and mmsegmentation
+            alike: block i of n gets drop_path_rate * i / (n - 1)).
+        drop_path_branches (`str`): the residual branches stochastic depth drops: `"both"` (attention and MLP, as
+            timm, DINOv2 and BEiT do; the default, so configs saved before this field load unchanged) or `"mlp"`
+            (only the MLP branch, as mmsegmentation's ViT that the published recipes ran on).
         head (`str`): decode head: `"fcn"` (mmsegmentation's FCNHead), `"linear"` (ImageNetSegModel's 1x1
             classifier) or `"multilayer"` (DINOv2's BatchNorm + 1x1 classifier over concatenated layers).
         out_indices (`list[int]` or `None`): the encoder blocks whose outputs the head reads (-1: the last);
@@ -111,6 +119,7 @@ class ViTFCNConfig(PretrainedConfig):
         encoder_kwargs: dict | None = None,
         encoder_forward: str = "auto",
         drop_path_rate: float = 0.1,
+        drop_path_branches: str = "both",
         head: str = "fcn",
         out_indices: list[int] | None = None,
         final_norm: bool = True,
@@ -132,6 +141,8 @@ class ViTFCNConfig(PretrainedConfig):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if encoder_forward not in ENCODER_FORWARDS:
             raise ValueError(f"encoder_forward must be one of {ENCODER_FORWARDS}, got {encoder_forward!r}")
+        if drop_path_branches not in DROP_PATH_BRANCHES:
+            raise ValueError(f"drop_path_branches must be one of {DROP_PATH_BRANCHES}, got {drop_path_branches!r}")
         out_indices = [int(i) for i in (DEFAULT_OUT_INDICES[head] if out_indices is None else out_indices)]
         if not out_indices:
             raise ValueError("out_indices must name at least one encoder block")
@@ -155,6 +166,7 @@ class ViTFCNConfig(PretrainedConfig):
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_forward = encoder_forward
         self.drop_path_rate = float(drop_path_rate)
+        self.drop_path_branches = drop_path_branches
         self.head = head
         self.out_indices = out_indices
         self.final_norm = bool(final_norm)

@@ -34,7 +34,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .configuration_vit_fcn import ENCODER_FORWARDS
+from .configuration_vit_fcn import DROP_PATH_BRANCHES, ENCODER_FORWARDS
 from .pos_embed import resample_pos_embed
 
 # Encoder parameters that come before the first block: tokens, position and patch embedding, pre-norm.
@@ -44,12 +44,20 @@ _EMBEDDING_PARAMETERS = re.compile(
 _BLOCK_PARAMETER = re.compile(r"^blocks\.(\d+)\.")
 
 
-def build_encoder(encoder_name: str, encoder_kwargs: dict | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+def build_encoder(
+    encoder_name: str,
+    encoder_kwargs: dict | None = None,
+    drop_path_rate: float = 0.0,
+    drop_path_branches: str = "both",
+) -> nn.Module:
     """`timm.create_model(encoder_name, pretrained=False, num_classes=0, dynamic_img_size=True, ...)`: random
     weights, no classifier; `encoder_kwargs` override the model's arguments (e.g. a tiny `depth` / `embed_dim`).
 
     Dynamic image size lets timm's `forward_intermediates` take any (padded) input; the reference forward does not
-    use timm's embedding step, so it is unaffected."""
+    use timm's embedding step, so it is unaffected. `drop_path_branches="mlp"` keeps stochastic depth on the MLP
+    branch only (`drop_path_only_on_mlp`)."""
+    if drop_path_branches not in DROP_PATH_BRANCHES:
+        raise ValueError(f"drop_path_branches must be one of {DROP_PATH_BRANCHES}, got {drop_path_branches!r}")
     kwargs = {
         "pretrained": False,
         "num_classes": 0,
@@ -70,7 +78,23 @@ def build_encoder(encoder_name: str, encoder_kwargs: dict | None = None, drop_pa
             f"timm model {encoder_name!r} builds a {type(encoder).__name__} without {', '.join(missing)}: not a "
             "ViT-family encoder (patch embedding, blocks, forward_intermediates)"
         )
+    if drop_path_branches == "mlp":
+        drop_path_only_on_mlp(encoder)
     return encoder
+
+
+def drop_path_only_on_mlp(encoder: nn.Module) -> None:
+    """Take stochastic depth off every block's attention branch, keeping the MLP branch's rate (linearly spaced over
+    the blocks, as timm and mmsegmentation both space it): mmsegmentation's ViT `TransformerEncoderLayer` (0.x and
+    1.x) gives only its FFN a DropPath; its attention's `dropout_layer` is a zero-rate Dropout. DropPath holds no
+    weights, so the state dict is unchanged."""
+    for index, block in enumerate(encoder.blocks):
+        if not (hasattr(block, "drop_path1") and hasattr(block, "drop_path2")):
+            raise ValueError(
+                f"drop_path_branches 'mlp' needs blocks with an attention (drop_path1) and an MLP (drop_path2) branch; "
+                f"block {index} is a {type(block).__name__}: use 'both'"
+            )
+        block.drop_path1 = nn.Identity()
 
 
 def is_reference_vit(encoder: nn.Module) -> bool:

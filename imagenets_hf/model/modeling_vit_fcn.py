@@ -307,7 +307,9 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
 
     def __init__(self, config: ViTFCNConfig):
         super().__init__(config)
-        self.encoder = build_encoder(config.encoder_name, config.encoder_kwargs, config.drop_path_rate)
+        self.encoder = build_encoder(
+            config.encoder_name, config.encoder_kwargs, config.drop_path_rate, config.drop_path_branches
+        )
         # The forward actually run is written back, so a saved config.json says it and later rules cannot change it.
         config.encoder_forward = resolve_encoder_forward(self.encoder, config.encoder_forward)
         if config.encoder_forward == "reference":

@@ -103,6 +103,7 @@ def build_model(recipe: Recipe, names: list[str]):
         encoder_name=recipe.encoder_name,
         encoder_kwargs=dict(recipe.encoder_kwargs),
         drop_path_rate=recipe.drop_path_rate,
+        drop_path_branches=recipe.drop_path_branches,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
@@ -505,10 +506,11 @@ def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
         )
     if run.recipe.grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), run.recipe.grad_clip)
+    lr = run.optimizer.param_groups[-1]["lr"]  # the head's group (scale 1), as used by this step (mmcv logs this one)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_value, run.optimizer.param_groups[-1]["lr"]  # the head's group: scale 1
+    return loss_value, lr
 
 
 def checkpoint(run: TrainingRun, iteration: int) -> Path:

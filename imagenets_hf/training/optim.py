@@ -7,8 +7,10 @@ the decode head; the rule is `imagenets_hf.model.encoder.encoder_layer_id`), so 
 25 - layer_id for 24.
 No weight decay on biases and 1-D parameters (norms). mmseg's constructor also intends to skip `pos_embed` and
 `cls_token`, but it compares the full name (`backbone.pos_embed`) against the bare one, so in mmseg those two are in
-fact decayed; MAE / BEiT / ImageNetSegModel (`no_weight_decay()`) do skip them. `no_weight_decay_tokens=True` (the
-recipes' default) follows the stated intent; False reproduces mmseg's effective behaviour.
+fact decayed, in the layer-0 decayed group (lr scale decay^(num_layers + 1), with the patch projection's weight);
+MAE / BEiT / ImageNetSegModel (`no_weight_decay()`) do skip them. `no_weight_decay_tokens=False` (the published
+recipes) trains as the mmseg runs behind the reported numbers did; True follows the stated intent (no decay on
+`cls_token`, `pos_embed` and `reg_token`).
 
 The schedule is mmcv 1.x `CosineAnnealingLrUpdaterHook(min_lr=1e-6, by_epoch=False)` with linear warmup
 (`warmup_ratio=1e-6`): at iteration t (0-based) each group's lr is

@@ -31,6 +31,7 @@ PIPELINES = ("mmseg", "imagenetsegmodel")
 # The model's heads (imagenets_hf.model.configuration_vit_fcn.PRESETS), named here so that reading a recipe does not
 # import torch and transformers; tests/test_train_recipe_deltas.py holds the two equal.
 HEADS = ("fcn", "linear", "multilayer")
+DROP_PATH_BRANCHES = ("both", "mlp")  # the model's too (configuration_vit_fcn.DROP_PATH_BRANCHES), held equal by a test
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
 
@@ -108,6 +109,12 @@ class Recipe:
         help="further ViTFCNConfig overrides, e.g. {num_convs: 1} or {out_indices: [8, 9, 10, 11]}", factory=dict
     )
     drop_path_rate: float = _option(0.1, help="stochastic depth rate of the encoder")
+    drop_path_branches: str = _option(
+        "mlp",
+        help="residual branches stochastic depth drops: mlp (mmsegmentation's ViT, the published runs) or both "
+        "(attention and MLP: timm, DINOv2)",
+        choices=DROP_PATH_BRANCHES,
+    )
     pretrained: str | None = _option(
         None, help="encoder checkpoint: file, folder, URL or Hub id; null: train from scratch"
     )
@@ -121,7 +128,11 @@ class Recipe:
     weight_decay: float = _option(0.05, help="AdamW weight decay (none on biases and other 1-D parameters)")
     betas: list[float] = _option(help="AdamW [beta1, beta2]", factory=lambda: [0.9, 0.999])
     eps: float = _option(1e-8, help="AdamW epsilon")
-    no_weight_decay_tokens: bool = _option(True, help="no weight decay on cls_token and pos_embed (see optim.py)")
+    no_weight_decay_tokens: bool = _option(
+        False,
+        help="no weight decay on cls_token, pos_embed and reg_token; false decays them as the published mmseg runs "
+        "did (see optim.py)",
+    )
     grad_clip: float | None = _option(None, help="clip the gradient norm to this; null: no clipping")
     warmup_iters: int = _option(180, help="linear warmup iterations (fewer than max_iters)")
     warmup_ratio: float = _option(1e-6, help="the warmup starts at lr x warmup_ratio")
