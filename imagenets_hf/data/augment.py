@@ -20,7 +20,8 @@ What is done differently, keeping the result:
   mirrored map).
 - A JPEG that the drawn scale shrinks 2x or more is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (PIL's
   draft mode), then sampled as if that smaller image were resized: much cheaper, and less aliased than a
-  non-antialiased resize of the full image (the only step whose pixels differ from mmsegmentation's).
+  non-antialiased resize of the full image (with mmsegmentation's first shrinking of images over 1000 x 1000 pixels
+  to long side 1000, which is not done here, the only steps whose pixels differ from mmsegmentation's).
 - Brightness, contrast, saturation and hue are per-sample lookup tables (`photometric_tables`); only saturation and
   hue go through HSV, on the crop only.
 - Training decodes each mask once (`training.data.pack_train_masks`, kept run-length packed: `packed_masks`) and
