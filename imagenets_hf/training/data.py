@@ -111,7 +111,8 @@ class AugmentedSegmentationDataset(Dataset):
     Keyed by `(index, position)` pairs from `InfiniteShardedSampler` (a plain int key uses position = index);
     `__getitems__` makes a whole batch (what the DataLoader asks for), `__getitem__` one sample. `augmentation` is an
     `AugmentConfig` (the published pipeline, draws from (seed, position)) or a torchvision transform (seeded by
-    `sample_seed(seed, position)` inside `torch.random.fork_rng`, so the caller's random state is untouched).
+    `sample_seed(seed, position)`: the CPU generator only, inside `torch.random.fork_rng`, so the caller's random state,
+    CUDA generators included, is untouched).
     `masks`: the rows' masks decoded once (`pack_train_masks`), used by the published pipeline instead of decoding
     each sample's annotation.
     """
@@ -168,8 +169,10 @@ class AugmentedSegmentationDataset(Dataset):
 
     def _torchvision_sample(self, row: dict[str, Any], position: int) -> dict[str, torch.Tensor]:
         image, mask = to_tv_tensors(open_image(row["image"]), open_image(row["annotation"]))
+        # The CPU generator only: `torch.manual_seed` would also seed every CUDA device, whose state `fork_rng`
+        # (devices=[]) does not restore, so a num_workers=0 run's drop-path masks would follow the samples.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, position))
+            torch.default_generator.manual_seed(sample_seed(self.seed, position))
             image, mask = self.augmentation(image, mask)
         return {
             "pixel_values": image.as_subclass(torch.Tensor).contiguous(),
