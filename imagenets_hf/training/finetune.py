@@ -24,7 +24,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.runtime import describe_machine
+from imagenets_hf.runtime import describe_machine, set_deterministic
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
@@ -368,8 +368,15 @@ def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, ski
                 f"augment_on_device runs the published mmseg pipeline; recipe pipeline is {recipe.pipeline!r} "
                 "(pass --augment-on-device false or --pipeline mmseg)"
             )
+        # The store's place (GPU or host memory) is decided after the first optimizer step, when the model, the
+        # optimizer's state and a step's peak are on the device (see DeviceBatchStream).
         stream = build_device_stream(
-            train_rows, augmentation, device=accelerator.device, log=accelerator.print, **common
+            train_rows,
+            augmentation,
+            device=accelerator.device,
+            log=accelerator.print,
+            place_after=recipe.gradient_accumulation_steps(accelerator.num_processes),
+            **common,
         )
         return stream.skip(skip)
     loader = build_train_dataloader(
@@ -383,6 +390,7 @@ def setup_run(
 ) -> TrainingRun:
     """Claim the output folder, build the data, model, optimizer and schedule, and restore a checkpoint to resume."""
     check_output_dir(recipe, resume, overwrite)  # on every process, before anything is written
+    set_deterministic(recipe.deterministic)  # before the first cuBLAS call (see runtime.set_deterministic)
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         log_with="tensorboard",
