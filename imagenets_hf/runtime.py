@@ -87,9 +87,10 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 def set_deterministic(on: bool) -> dict[str, object]:
     """Deterministic algorithms on or off for this process: `torch.use_deterministic_algorithms(on)` (an op with no
     deterministic kernel then raises, naming itself), cuDNN deterministic and not benchmarking, and with `on`
-    `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless the environment already holds one. torch reads that variable when it
-    makes a device's cuBLAS handle, at the process's first matmul there, and refuses cuBLAS calls in deterministic
-    mode without it: call this before anything runs on the GPU (`finetune` does, first thing). Off, the flags go
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless the environment already holds one. torch sizes cuBLAS's workspace
+    from that variable once per process, at its first cuBLAS call (`getChosenWorkspaceSize` caches it), and refuses
+    cuBLAS calls in deterministic mode without it: call this before anything runs on the GPU (`finetune` does,
+    first thing). Off, the flags go
     back to torch's defaults (the variable stays). Returns the settings, for the run's record."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
