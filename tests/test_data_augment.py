@@ -493,6 +493,26 @@ def test_device_has_room_measures_free_memory_against_the_fraction(monkeypatch):
     assert device_has_room(torch.device("cpu"), 2**50) and len(calls) == 3  # off CUDA: no question asked
 
 
+def test_a_cuda_stream_asks_the_free_memory_only_when_it_places_the_store(realistic, monkeypatch):
+    """On a GPU the stream starts with the store in host memory and measures the free memory (mocked here: 24 GB
+    card, 2x the store free after the first step) when it places it: the store needs at most half of that."""
+    store = store_of(realistic[:4])
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return 2 * store.nbytes - 1, 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    logged = []
+    stream = DeviceBatchStream(store, AugmentConfig(), batch_size=2, device="cuda:1", place_after=1, log=logged.append)
+    assert calls == [] and not stream.placed
+    stream.place()
+    assert calls and set(calls) == {torch.device("cuda", 1)} and not stream.on_device and stream.staging.pin
+    assert f"when {(2 * store.nbytes - 1) / 2**20:.0f} MiB of cuda:1 were free" in logged[0]
+    assert "in host memory (each batch copied through a pinned staging buffer)" in logged[0]
+
+
 @pytest.mark.parametrize(
     ("cores", "local_processes", "threads"), [(16, None, 16), (16, "8", 2), (16, "32", 1), (64, "2", 16), (6, "4", 1)]
 )

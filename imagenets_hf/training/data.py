@@ -389,15 +389,15 @@ class DeviceBatchStream:
         """Move the store to the device if it has room now (`device_has_room`); otherwise keep it in host memory."""
         self.placed = True
         nbytes = self.store.nbytes
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         if device_has_room(self.device, nbytes, self.max_device_fraction):
             self.store = self.store.to(self.device)
             self.on_device, self.staging = True, None
         if self.log is not None and self.place_after > 0:
-            free = f"{torch.cuda.mem_get_info(self.device)[0] / 2**20:.0f} MiB" if self.device.type == "cuda" else "?"
             self.log(
-                f"Device-path store ({nbytes / 2**20:.1f} MiB) {self.where} after {self.place_after} batch(es); "
-                f"{free} free on {self.device} now (it goes there when it takes at most "
-                f"{self.max_device_fraction:g} of the free memory)"
+                f"Device-path store ({nbytes / 2**20:.1f} MiB) {self.where} after {self.place_after} batch(es)"
+                + ("" if free is None else f", when {free / 2**20:.0f} MiB of {self.device} were free")
+                + f" (it goes there when it takes at most {self.max_device_fraction:g} of the free memory)"
             )
 
     def skip(self, batches: int) -> DeviceBatchStream:
