@@ -186,6 +186,10 @@ class HostStaging:
     def nbytes(self) -> int:
         return self._pixels.numel() + 2 * self._ids.numel()
 
+    def is_pinned(self) -> bool:
+        """Whether both buffers are page-locked (what a GPU check asserts after a batch; needs CUDA)."""
+        return self._pixels.is_pinned() and self._ids.is_pinned()
+
 
 def _power_of_two(count: int) -> int:
     return 1 << max(0, count - 1).bit_length()
