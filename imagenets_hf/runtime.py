@@ -7,6 +7,8 @@
   the long torch names, accelerate's "no") and `"auto"`; `autocast_dtype` turns accelerate's `mixed_precision`
   into the autocast dtype evaluation uses.
 - `describe_machine`: the words that name where a figure was measured (the GPU's name, or the CPU and its cores).
+- `set_deterministic`: deterministic algorithms on or off (torch, cuDNN, cuBLAS's workspace), which CUDA training
+  needs to repeat itself bit for bit (a resumed run then equals an uninterrupted one, as on the CPU).
 - `RssPeak`: the peak resident memory of the process while a block runs, sampled every 2 ms (CPU tensors have no
   allocator statistics; tracemalloc does not see torch's allocations).
 """
@@ -76,6 +78,31 @@ def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
     """The autocast dtype of accelerate's `mixed_precision` ("fp16", "bf16"); None for "no" / full precision."""
     dtype = resolve_dtype(None if mixed_precision is None else str(mixed_precision))
     return None if dtype == torch.float32 else dtype
+
+
+# cuBLAS's documented setting for reproducible results (a fixed workspace per stream); ":16:8" also qualifies.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def set_deterministic(on: bool) -> dict[str, object]:
+    """Deterministic algorithms on or off for this process: `torch.use_deterministic_algorithms(on)` (an op with no
+    deterministic kernel then raises, naming itself), cuDNN deterministic and not benchmarking, and with `on`
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless the environment already holds one. torch sizes cuBLAS's workspace
+    from that variable once per process, at its first cuBLAS call (`getChosenWorkspaceSize` caches it), and refuses
+    cuBLAS calls in deterministic mode without it: call this before anything runs on the GPU (`finetune` does,
+    first thing). Off, the flags go
+    back to torch's defaults (the variable stays). Returns the settings, for the run's record."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
 
 
 def rss_bytes() -> int:

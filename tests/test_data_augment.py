@@ -24,6 +24,7 @@ from imagenets_hf.data.augment import (
     sample_uniforms,
 )
 from imagenets_hf.data.augment_device import (
+    HostStaging,
     PixelStore,
     augment_batch,
     choose_crops,
@@ -409,6 +410,155 @@ def test_a_compacted_batch_augments_like_the_full_store(realistic):
     assert compact.pixels.shape[1] < store.pixels.shape[1]
     again = augment_batch(config, compact, draw_params(config, 0, np.arange(4), compact.heights, compact.widths))
     assert torch.equal(whole["pixel_values"], again["pixel_values"]) and torch.equal(whole["labels"], again["labels"])
+
+
+def test_a_host_store_batch_is_gathered_into_the_reused_staging_buffer(realistic):
+    """A store kept in host memory gathers each batch straight into one reused staging buffer (pinned on a GPU, so
+    the copy from it is asynchronous; `is_pinned` needs CUDA, see docs/training.md) and the device copy is made
+    from that buffer: on the CPU the batch's tensors are the buffer itself. It used to concatenate the batch into a
+    new pageable tensor, so the non_blocking copy from a pinned store was synchronous."""
+    config = AugmentConfig()
+    store = store_of(realistic[:8])
+    staging = HostStaging()
+    first = store.subset(np.array([5, 2, 2, 7])).compact("cpu", staging)
+    assert first.pixels.data_ptr() == staging._pixels.data_ptr() and first.ids.data_ptr() == staging._ids.data_ptr()
+    capacity = staging.nbytes
+    whole = augment_batch(
+        config, store.subset(np.array([1, 0])), draw_params(config, 0, np.arange(2), *hw(store, [1, 0]))
+    )
+    second = store.subset(np.array([1, 0])).compact("cpu", staging)
+    assert second.pixels.data_ptr() == staging._pixels.data_ptr() and staging.nbytes == capacity  # reused
+    again = augment_batch(config, second, draw_params(config, 0, np.arange(2), second.heights, second.widths))
+    assert torch.equal(whole["pixel_values"], again["pixel_values"]) and torch.equal(whole["labels"], again["labels"])
+    assert staging.gathers == 2 and staging._pixels.numel() & (staging._pixels.numel() - 1) == 0  # a power of two
+
+
+def hw(store: PixelStore, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return store.heights[index], store.widths[index]
+
+
+def test_the_store_is_placed_after_the_first_step_and_batches_do_not_depend_on_it(realistic, monkeypatch):
+    """The store's place is decided once, after `place_after` batches (a run's first optimizer step), not when the
+    stream is made; a store kept in host memory (no room) and one moved gives the same batches as one on the
+    device from the start."""
+    config = AugmentConfig(crop_size=96, resize_scale=(384, 96))
+    rows = realistic[:10]
+    reference = DeviceBatchStream(store_of(rows), config, batch_size=3, seed=2)
+    assert reference.on_device and reference.staging is None
+    expected = [next(reference) for _ in range(4)]
+    for room in (False, True):
+        stream, asked, logged = placed_stream(monkeypatch, store_of(rows), config, room)
+        assert not stream.on_device and not asked and "placed after 2 batch(es)" in stream.where
+        for batch in expected:
+            got = next(stream)
+            assert torch.equal(got["labels"], batch["labels"]) and torch.equal(
+                got["pixel_values"], batch["pixel_values"]
+            )
+        assert asked == [(2, stream.store.nbytes)]  # once, when 2 batches had been made
+        assert stream.on_device == room and len(logged) == 1 and stream.where in logged[0]
+        if not room:
+            assert stream.staging.gathers == 4  # every batch through the staging buffer
+
+
+def placed_stream(monkeypatch, store: PixelStore, config: AugmentConfig, room: bool):
+    """A stream placed after 2 batches whose device has `room` or not; the (batches made, bytes) of each question
+    and the log lines."""
+    import imagenets_hf.training.data as data
+
+    asked, logged = [], []
+    stream = None
+
+    def device_has_room(device, nbytes, fraction=0.5):
+        asked.append((stream.batches_made, nbytes))
+        return room
+
+    monkeypatch.setattr(data, "device_has_room", device_has_room)
+    stream = DeviceBatchStream(store, config, batch_size=3, seed=2, place_after=2, log=logged.append)
+    return stream, asked, logged
+
+
+def test_device_has_room_measures_free_memory_against_the_fraction(monkeypatch):
+    from imagenets_hf.training.data import device_has_room
+
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return 10 * 2**30, 24 * 2**30  # 10 GiB free of a 24 GB card
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    gpu = torch.device("cuda", 1)
+    assert device_has_room(gpu, 5 * 2**30) and not device_has_room(gpu, 5 * 2**30 + 1)
+    assert device_has_room(gpu, 8 * 2**30, fraction=0.8) and calls == [gpu] * 3
+    assert device_has_room(torch.device("cpu"), 2**50) and len(calls) == 3  # off CUDA: no question asked
+
+
+def test_a_cuda_stream_asks_the_free_memory_only_when_it_places_the_store(realistic, monkeypatch):
+    """On a GPU the stream starts with the store in host memory and measures the free memory (mocked here: 24 GB
+    card, 2x the store free after the first step) when it places it: the store needs at most half of that."""
+    store = store_of(realistic[:4])
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return 2 * store.nbytes - 1, 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    logged = []
+    stream = DeviceBatchStream(store, AugmentConfig(), batch_size=2, device="cuda:1", place_after=1, log=logged.append)
+    assert calls == [] and not stream.placed
+    stream.place()
+    assert calls and set(calls) == {torch.device("cuda", 1)} and not stream.on_device and stream.staging.pin
+    assert f"when {(2 * store.nbytes - 1) / 2**20:.0f} MiB of cuda:1 were free" in logged[0]
+    assert "in host memory (each batch copied through a pinned staging buffer)" in logged[0]
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_processes", "threads"), [(16, None, 16), (16, "8", 2), (16, "32", 1), (64, "2", 16), (6, "4", 1)]
+)
+def test_decode_threads_share_the_cores_among_the_local_processes(monkeypatch, cores, local_processes, threads):
+    """8 training processes on a 16-core node decode with 2 threads each (they used to start 16 each)."""
+    import os
+
+    from imagenets_hf.training.data import decode_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert decode_threads() == threads
+
+
+def test_decode_store_holds_the_pixels_once_at_its_peak(realistic):
+    """The store is allocated from the masks' headers and each sample decoded into its place: the peak of traced
+    host memory (NumPy and OpenCV arrays) is the store plus one sample's decoding (one thread here: its BGR image,
+    its mask and the decoder's buffers, bounded by 3 of the largest sample's store bytes). Decoding into a list
+    and packing it afterwards held every pixel twice (peak >= 2x the store)."""
+    import tracemalloc
+
+    rows = realistic[:12]
+    reference = store_of(rows)
+    largest = int((reference.pixel_heights * reference.pixel_widths * 5).max())  # 3 bytes of RGB + 2 of ids
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        store = decode_store(rows, threads=1)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(store.pixels, reference.pixels) and torch.equal(store.ids, reference.ids)
+    print(f"peak {peak / store.nbytes:.3f} x the store; largest sample {largest / store.nbytes:.3f}")
+    assert store.nbytes <= peak <= store.nbytes + 3 * largest, (peak / store.nbytes, largest / store.nbytes)
+
+
+def test_decode_store_names_a_sample_without_annotation(realistic):
+    rows = [dict(row) for row in realistic[:3]]
+    rows[1] = {**rows[1], "annotation": None, "image_id": "n01_000042"}
+    with pytest.raises(ValueError, match="training sample 'n01_000042' has no annotation"):
+        decode_store(rows, threads=1)
 
 
 def test_decoding_refuses_a_mask_of_another_size(realistic):

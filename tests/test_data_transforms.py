@@ -64,3 +64,31 @@ def test_recipe_picks_the_pipeline():
     assert demo.crop_size == 96 and demo.resize_scale == (384, 96) and not demo.photometric_distortion
     segmodel = train_augmentation_from_recipe(load_recipe("demo", {"pipeline": "imagenetsegmodel"}))
     assert segmodel.transforms[0].size == (96, 96)
+
+
+def test_torchvision_samples_seed_only_the_cpu_generator(monkeypatch):
+    """Each sample of the torchvision pipeline is drawn from (seed, position) on the CPU generator; the CUDA
+    generators (drop-path masks of a num_workers=0 run on a GPU) are neither seeded nor left changed. Before the fix
+    `torch.manual_seed` seeded every CUDA device per sample, which `fork_rng(devices=[])` does not restore."""
+    import io
+
+    from imagenets_hf.training.data import AugmentedSegmentationDataset
+
+    image, ids = block_pattern()
+    encoded = {}
+    for name, picture in (("image", image), ("annotation", Image.fromarray(ids.astype(np.uint8)))):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded[name] = {"bytes": buffer.getvalue(), "path": None}
+    dataset = AugmentedSegmentationDataset([encoded, encoded], imagenetsegmodel_train_transform(crop_size=64), seed=3)
+    seeded_devices = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded_devices.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded_devices.append(seed))
+    before = torch.get_rng_state()
+    first = dataset[(0, 5)]
+    assert seeded_devices == []
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's CPU state is restored
+    torch.manual_seed(1234)  # another global state: the sample depends only on (seed, position)
+    again = dataset[(1, 5)]
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["labels"], again["labels"])
+    assert not torch.equal(first["pixel_values"], dataset[(0, 6)]["pixel_values"])

@@ -285,6 +285,31 @@ def test_loss_at_full_resolution_upsamples_logits_bilinearly():
     assert out.loss.item() == pytest.approx(hand_loss(upsampled.numpy(), labels.numpy(), 1000, "valid"), rel=1e-5)
 
 
+@pytest.mark.parametrize(("in_size", "out_size"), [((14, 14), (28, 28)), ((5, 7), (13, 3)), ((9, 4), (2, 17))])
+def test_deterministic_bilinear_resize_has_interpolates_forward_and_gradient(in_size, out_size):
+    """Under deterministic algorithms the loss's bilinear upsampling runs `interpolate` forward and a backward of two
+    matrix products (CUDA's atomic-add backward is refused in that mode): the same values, and the same gradient up
+    to the order of the sums (float64: within 1e-14; up-, down- and mixed scaling)."""
+    from imagenets_hf.model.modeling_vit_fcn import resize_bilinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *in_size, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, *out_size, dtype=torch.float64)
+    reference = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+    (expected,) = torch.autograd.grad(reference, x, grad)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        resized = resize_bilinear(x, out_size)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert type(resized.grad_fn).__name__ == "_DeterministicBilinearBackward"
+    assert torch.equal(resized, reference)
+    (actual,) = torch.autograd.grad(resized, x, grad)
+    torch.testing.assert_close(actual, expected, atol=1e-14, rtol=0)
+    assert resize_bilinear(x, out_size).grad_fn.name().startswith("UpsampleBilinear2D")  # otherwise interpolate
+
+
 def test_labels_at_wrong_size_are_refused():
     model = ViTFCNForSemanticSegmentation(tiny_config())
     with pytest.raises(ValueError, match="input resolution"):

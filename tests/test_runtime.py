@@ -44,3 +44,36 @@ def test_rss_peak_sees_an_allocation():
     # the sampler reads the RSS at entry, every 2 ms and at exit (the block still mapped); the bound leaves room for
     # pages the kernel has not counted yet (RSS counters are per-thread batched)
     assert growth > 48 * 2**20, growth
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """Put torch's global deterministic flags back after the test (monkeypatch restores the environment)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(flags[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1], benchmark
+
+
+def test_set_deterministic_sets_torch_cudnn_and_cublas(restore_determinism, monkeypatch):
+    import os
+
+    from imagenets_hf.runtime import set_deterministic
+
+    torch.backends.cudnn.benchmark = True
+    record = set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert record == {
+        "deterministic_algorithms": True,
+        "cudnn_deterministic": True,
+        "cudnn_benchmark": False,
+        "cublas_workspace_config": ":4096:8",
+    }
+    record = set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert not record["deterministic_algorithms"]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other documented setting is kept
+    assert set_deterministic(True)["cublas_workspace_config"] == ":16:8"

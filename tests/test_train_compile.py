@@ -61,3 +61,37 @@ def test_compiled_model_matches_eager_at_padded_sizes():
             actual = compiled(pixel_values).logits
             assert actual.shape == expected.shape == (1, 11, math.ceil(height / 8), math.ceil(width / 8))
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sync_batchnorm_runs_eagerly_in_a_compiled_model():
+    """Under DDP on GPUs the head's BatchNorm becomes SyncBatchNorm, whose process-group collectives dynamo cannot
+    trace (pytorch/pytorch#107372, #161302): for a compiled run its forward is excluded from compilation, so the
+    graph breaks there (only there) with the same outputs and the
+    same state_dict keys; uncompiled runs are unchanged. (SyncBatchNorm trains only on GPUs, in eval mode it is
+    BatchNorm: what the compiled multi-GPU run does is not yet measured.)"""
+    from imagenets_hf.training.finetune import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    config = ViTFCNConfig.from_preset(
+        "fcn", encoder_name="vit_small_patch16_224", num_labels=11, drop_path_rate=0.0, encoder_kwargs=TINY_ENCODER
+    )
+    pixel_values = torch.randn(2, 3, 32, 32)
+    plain = ViTFCNForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        expected = plain(pixel_values).logits
+    for compiling in (False, True):
+        torch._dynamo.reset()
+        model = convert_sync_batchnorm(ViTFCNForSemanticSegmentation(config).eval(), compiling=compiling)
+        model.load_state_dict(plain.state_dict())
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert len(layers) >= 1 and model.state_dict().keys() == plain.state_dict().keys()
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(model)(pixel_values)
+            torch.testing.assert_close(model(pixel_values).logits, expected, atol=0, rtol=0)
+        reasons = [str(reason.reason) for reason in explanation.break_reasons]
+        if compiling:
+            # each layer's break is reported by every frame it is nested in (model, head, conv module)
+            assert len(reasons) >= len(layers) and all("SyncBatchNorm.forward" in r for r in reasons), reasons
+        else:
+            assert reasons == [] and explanation.graph_count == 1
+    torch._dynamo.reset()

@@ -108,6 +108,34 @@ def test_stop_then_resume_on_the_device_path_gives_the_same_weights(mini_dir, tm
         assert torch.equal(expected[name], actual[name]), name
 
 
+def test_deterministic_recipe_turns_deterministic_algorithms_on(mini_dir, tmp_path, monkeypatch):
+    """`--deterministic true` sets torch's deterministic algorithms, cuDNN's flags and cuBLAS's workspace before
+    anything runs, trains under them (the loss's bilinear upsampling has a deterministic backward) and is recorded
+    in recipe.yaml. That CUDA then repeats itself bit for bit only a GPU can show (scripts/check_gpu.py)."""
+    import argparse
+
+    import yaml
+
+    from imagenets_hf.training.finetune import finetune
+    from imagenets_hf.training.recipes import add_recipe_arguments, recipe_from_args
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser)
+    out = tmp_path / "deterministic"
+    paths = ["--data-dir", str(mini_dir), "--output-dir", str(out), "--num-workers", "0"]
+    recipe = recipe_from_args(parser.parse_args([*TINY, *paths, "--deterministic", "true"]))
+    assert recipe.deterministic and not torch.are_deterministic_algorithms_enabled()
+    try:
+        finetune(recipe, stop_after=1, progress=False)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["deterministic"] is True
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one(mini_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): per-device 4 x 2 processes = global 8, the

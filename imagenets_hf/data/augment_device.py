@@ -54,30 +54,46 @@ class PixelStore:
     widths: np.ndarray
 
     @classmethod
-    def pack(cls, images: list[np.ndarray], masks: list[np.ndarray]) -> PixelStore:
-        """Store (H, W, 3) uint8 RGB images and their (H', W') id masks one after another."""
-        pixel_sizes = np.array([image.shape[:2] for image in images], dtype=np.int64).reshape(-1, 2)
-        mask_sizes = np.array([mask.shape for mask in masks], dtype=np.int64).reshape(-1, 2)
+    def allocate(cls, pixel_sizes, mask_sizes) -> PixelStore:
+        """An uninitialised store for images of `pixel_sizes` and masks of `mask_sizes` ((B, 2) heights and widths),
+        filled with `put`: decoding straight into it needs no second copy of the pixels."""
+        pixel_sizes = np.asarray(pixel_sizes, dtype=np.int64).reshape(-1, 2)
+        mask_sizes = np.asarray(mask_sizes, dtype=np.int64).reshape(-1, 2)
         pixel_counts, id_counts = pixel_sizes.prod(1), mask_sizes.prod(1)
-        pixel_offsets = np.concatenate([[0], np.cumsum(pixel_counts)[:-1]]).astype(np.int64)
-        id_offsets = np.concatenate([[0], np.cumsum(id_counts)[:-1]]).astype(np.int64)
-        pixels = np.empty((3, int(pixel_counts.sum())), dtype=np.uint8)
-        ids = np.empty(int(id_counts.sum()), dtype=np.int16)
-        for image, mask, start, count, id_start, id_count in zip(
-            images, masks, pixel_offsets, pixel_counts, id_offsets, id_counts
-        ):
-            pixels[:, start : start + count] = image.reshape(-1, 3).T
-            ids[id_start : id_start + id_count] = mask.reshape(-1)
         return cls(
-            pixels=torch.from_numpy(pixels),
-            ids=torch.from_numpy(ids),
-            pixel_offsets=pixel_offsets,
+            pixels=torch.from_numpy(np.empty((3, int(pixel_counts.sum())), dtype=np.uint8)),
+            ids=torch.from_numpy(np.empty(int(id_counts.sum()), dtype=np.int16)),
+            pixel_offsets=_starts(pixel_counts),
             pixel_heights=pixel_sizes[:, 0],
             pixel_widths=pixel_sizes[:, 1],
-            id_offsets=id_offsets,
+            id_offsets=_starts(id_counts),
             heights=mask_sizes[:, 0],
             widths=mask_sizes[:, 1],
         )
+
+    def put(self, index: int, image: np.ndarray, mask: np.ndarray, bgr: bool = False) -> None:
+        """Write sample `index`'s (H, W, 3) uint8 image (RGB; BGR as OpenCV decodes it with `bgr`) and its (H', W')
+        ids into their places in a host store (NumPy copies, which release the GIL: threads can fill a store)."""
+        pixel_shape = (int(self.pixel_heights[index]), int(self.pixel_widths[index]))
+        mask_shape = (int(self.heights[index]), int(self.widths[index]))
+        if image.shape != (*pixel_shape, 3) or mask.shape != mask_shape:
+            raise ValueError(
+                f"sample {index}: image {image.shape} and mask {mask.shape} do not fit their places in the store "
+                f"({(*pixel_shape, 3)} and {mask_shape})"
+            )
+        start, count = int(self.pixel_offsets[index]), pixel_shape[0] * pixel_shape[1]
+        planes = image.reshape(-1, 3)
+        self.pixels.numpy()[:, start : start + count] = (planes[:, ::-1] if bgr else planes).T
+        id_start = int(self.id_offsets[index])
+        self.ids.numpy()[id_start : id_start + mask.size] = mask.reshape(-1)
+
+    @classmethod
+    def pack(cls, images: list[np.ndarray], masks: list[np.ndarray]) -> PixelStore:
+        """Store (H, W, 3) uint8 RGB images and their (H', W') id masks one after another."""
+        store = cls.allocate([image.shape[:2] for image in images], [mask.shape for mask in masks])
+        for index, (image, mask) in enumerate(zip(images, masks)):
+            store.put(index, image, mask)
+        return store
 
     def __len__(self) -> int:
         return len(self.heights)
@@ -90,35 +106,93 @@ class PixelStore:
     def nbytes(self) -> int:
         return self.pixels.numel() + 2 * self.ids.numel()
 
-    def to(self, device: torch.device | str, pin_memory: bool = False) -> PixelStore:
-        """The store on `device` (or in pinned host memory, for fast copies to a GPU)."""
-        pixels, ids = self.pixels.to(device), self.ids.to(device)
-        if pin_memory:
-            pixels, ids = pixels.pin_memory(), ids.pin_memory()
-        return PixelStore(pixels=pixels, ids=ids, **self._sample_arrays())
+    def to(self, device: torch.device | str) -> PixelStore:
+        """The store on `device`."""
+        return PixelStore(pixels=self.pixels.to(device), ids=self.ids.to(device), **self._sample_arrays())
 
     def subset(self, index: np.ndarray) -> PixelStore:
         """The samples at `index` (the stores are shared)."""
         arrays = {name: value[index] for name, value in self._sample_arrays().items()}
         return PixelStore(pixels=self.pixels, ids=self.ids, **arrays)
 
-    def compact(self, device: torch.device | str) -> PixelStore:
-        """Only this batch's pixels, copied into a new store on `device` (for a store kept in host memory)."""
-        pixel_parts = [
-            self.pixels[:, o : o + h * w] for o, h, w in zip(self.pixel_offsets, self.pixel_heights, self.pixel_widths)
-        ]
-        id_parts = [self.ids[o : o + h * w] for o, h, w in zip(self.id_offsets, self.heights, self.widths)]
+    def compact(self, device: torch.device | str, staging: HostStaging | None = None) -> PixelStore:
+        """Only this batch's pixels, in a new store on `device` (for a store kept in host memory): gathered into
+        `staging` (reused from batch to batch; pinned when the copy goes to a GPU, which makes it asynchronous) or,
+        without one, into new host tensors. On the CPU the result shares the staging buffer (valid until its next
+        gather)."""
         pixel_counts = self.pixel_heights * self.pixel_widths
         id_counts = self.heights * self.widths
+        staging = staging if staging is not None else HostStaging()
+        pixels, ids = staging.take(int(pixel_counts.sum()), int(id_counts.sum()))
         arrays = self._sample_arrays()
-        arrays["pixel_offsets"] = np.concatenate([[0], np.cumsum(pixel_counts)[:-1]]).astype(np.int64)
-        arrays["id_offsets"] = np.concatenate([[0], np.cumsum(id_counts)[:-1]]).astype(np.int64)
-        pixels = torch.cat(pixel_parts, dim=1).to(device, non_blocking=True)
-        ids = torch.cat(id_parts).to(device, non_blocking=True)
+        arrays["pixel_offsets"], arrays["id_offsets"] = _starts(pixel_counts), _starts(id_counts)
+        # Straight into the staging buffer (`out=`: no intermediate tensor).
+        torch.cat([self.pixels[:, o : o + n] for o, n in zip(self.pixel_offsets, pixel_counts)], dim=1, out=pixels)
+        torch.cat([self.ids[o : o + n] for o, n in zip(self.id_offsets, id_counts)], out=ids)
+        pixels, ids = staging.send(pixels, ids, device)
         return PixelStore(pixels=pixels, ids=ids, **arrays)
 
     def _sample_arrays(self) -> dict[str, np.ndarray]:
         return {name: value for name, value in vars(self).items() if isinstance(value, np.ndarray)}
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Offsets of consecutive blocks of `counts` elements."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+class HostStaging:
+    """A reusable host buffer that a store kept in host memory gathers each batch into before its copy to the
+    device (`PixelStore.compact`).
+
+    Pinned (page-locked) when `pin` is set: a `non_blocking` copy is asynchronous only from pinned memory (from
+    pageable memory the driver stages it synchronously). Only this buffer is pinned, never the whole store: pinning a
+    store of several GB through torch's caching host allocator rounds it up to a power of two, and page-locks memory
+    that the CPU gather reads anyway. The buffer grows to the largest batch seen, in powers of two (the sizes that
+    allocator rounds to). A CUDA event recorded after each copy out of it is waited for before the next gather
+    overwrites it (one buffer suffices: `augment_batch` synchronises with the host within each batch anyway, when
+    the crop test's class counts come back).
+    """
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._pixels = torch.empty(0, dtype=torch.uint8)  # flat, so that every view taken is contiguous
+        self._ids = torch.empty(0, dtype=torch.int16)
+        self._copied = None  # torch.cuda.Event of the last copy out of the buffers
+        self.gathers = 0
+
+    def take(self, pixel_count: int, id_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, pixel_count) uint8 and (id_count,) int16 contiguous views of the buffers, free to overwrite."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        if 3 * pixel_count > self._pixels.numel():
+            self._pixels = torch.empty(_power_of_two(3 * pixel_count), dtype=torch.uint8, pin_memory=self.pin)
+        if id_count > self._ids.numel():
+            self._ids = torch.empty(_power_of_two(id_count), dtype=torch.int16, pin_memory=self.pin)
+        self.gathers += 1
+        return self._pixels[: 3 * pixel_count].view(3, pixel_count), self._ids[:id_count]
+
+    def send(self, pixels: torch.Tensor, ids: torch.Tensor, device: torch.device | str) -> tuple:
+        """`pixels` and `ids` (views from `take`) on `device`; asynchronously from pinned buffers."""
+        pixels = pixels.to(device, non_blocking=self.pin)
+        ids = ids.to(device, non_blocking=self.pin)
+        if self.pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(pixels.device))
+        return pixels, ids
+
+    @property
+    def nbytes(self) -> int:
+        return self._pixels.numel() + 2 * self._ids.numel()
+
+    def is_pinned(self) -> bool:
+        """Whether both buffers are page-locked (what a GPU check asserts after a batch; needs CUDA)."""
+        return self._pixels.is_pinned() and self._ids.is_pinned()
+
+
+def _power_of_two(count: int) -> int:
+    return 1 << max(0, count - 1).bit_length()
 
 
 def _inside(window: CropWindow, device) -> torch.Tensor | None:

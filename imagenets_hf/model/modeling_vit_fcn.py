@@ -36,6 +36,48 @@ from .encoder import (
 )
 
 
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)`; under torch's deterministic algorithms, with
+    a gradient that needs no atomic adds (`_DeterministicBilinear`): CUDA's own bilinear backward has no
+    deterministic kernel, and `torch.use_deterministic_algorithms(True)` refuses it."""
+    if torch.are_deterministic_algorithms_enabled() and x.requires_grad and torch.is_grad_enabled():
+        return _DeterministicBilinear.apply(x, tuple(int(s) for s in size))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _bilinear_weights(in_size: int, out_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(out_size, in_size) matrix of `interpolate`'s bilinear taps along one axis (align_corners=False, scale
+    in/out): row i holds 1 - l at floor(s) and l at floor(s) + 1 (clamped to the edge), s = max(0, (i + 0.5) in/out
+    - 0.5), l = s - floor(s)."""
+    source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = source - low
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights.to(device=like.device, dtype=like.dtype)
+
+
+class _DeterministicBilinear(torch.autograd.Function):
+    """Bilinear resize (align_corners=False) with `interpolate`'s forward and a backward of two matrix products with
+    the taps' weights, W_h^T g W_w: deterministic (cuBLAS with a fixed workspace), equal to the atomic-add backward up
+    to the order of its sums."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        ctx.in_size = tuple(x.shape[-2:])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_h, out_w = grad.shape[-2:]
+        rows = _bilinear_weights(ctx.in_size[0], out_h, grad)
+        columns = _bilinear_weights(ctx.in_size[1], out_w, grad)
+        return rows.T @ grad @ columns, None
+
+
 class ConvBNReLU(nn.Module):
     """mmcv's ConvModule as the FCN head uses it: conv (no bias when followed by BN), BatchNorm, ReLU."""
 
@@ -171,10 +213,7 @@ class MultiLayerHead(nn.Module):
             got = 1 if isinstance(features, torch.Tensor) else len(features)
             raise ValueError(f"the multi-layer head takes a list of {self.num_inputs} feature maps, got {got}")
         size = features[0].shape[-2:]
-        maps = [
-            x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            for x in features
-        ]
+        maps = [x if x.shape[-2:] == size else resize_bilinear(x, size) for x in features]
         return self.conv_seg(self.dropout(self.bn(torch.cat(maps, dim=1))))
 
     def init_weights(self) -> None:
@@ -389,7 +428,7 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         if size != (height, width):
             # Through float: exact for ids below 2**24; "nearest" picks floor(i * scale) like cv2's INTER_NEAREST.
             labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        logits = resize_bilinear(logits.float(), size)
         pixel_losses = F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index, reduction="none")
         if self.config.loss_average == "all":
             return pixel_losses.sum() / pixel_losses.numel()

@@ -32,7 +32,7 @@ from imagenets_hf.data.augment import (
     draw_params,
     open_image,
 )
-from imagenets_hf.data.augment_device import PixelStore, augment_batch
+from imagenets_hf.data.augment_device import HostStaging, PixelStore, augment_batch
 from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
 from imagenets_hf.data.transforms import to_tv_tensors
 
@@ -111,7 +111,8 @@ class AugmentedSegmentationDataset(Dataset):
     Keyed by `(index, position)` pairs from `InfiniteShardedSampler` (a plain int key uses position = index);
     `__getitems__` makes a whole batch (what the DataLoader asks for), `__getitem__` one sample. `augmentation` is an
     `AugmentConfig` (the published pipeline, draws from (seed, position)) or a torchvision transform (seeded by
-    `sample_seed(seed, position)` inside `torch.random.fork_rng`, so the caller's random state is untouched).
+    `sample_seed(seed, position)`: the CPU generator only, inside `torch.random.fork_rng`, so the caller's random state,
+    CUDA generators included, is untouched).
     `masks`: the rows' masks decoded once (`pack_train_masks`), used by the published pipeline instead of decoding
     each sample's annotation.
     """
@@ -168,8 +169,10 @@ class AugmentedSegmentationDataset(Dataset):
 
     def _torchvision_sample(self, row: dict[str, Any], position: int) -> dict[str, torch.Tensor]:
         image, mask = to_tv_tensors(open_image(row["image"]), open_image(row["annotation"]))
+        # The CPU generator only: `torch.manual_seed` would also seed every CUDA device, whose state `fork_rng`
+        # (devices=[]) does not restore, so a num_workers=0 run's drop-path masks would follow the samples.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, position))
+            torch.default_generator.manual_seed(sample_seed(self.seed, position))
             image, mask = self.augmentation(image, mask)
         return {
             "pixel_values": image.as_subclass(torch.Tensor).contiguous(),
@@ -241,9 +244,18 @@ def build_train_dataloader(
     )
 
 
-def decode_threads() -> int:
-    """Threads that decode a split once (OpenCV and PIL decode without the GIL): one a core, at most 16."""
-    return max(1, min(16, os.cpu_count() or 1))
+def decode_threads(local_processes: int | None = None) -> int:
+    """Threads with which each process decodes a split once (OpenCV and PIL decode without the GIL): the cores this
+    process may run on, shared among the node's training processes (`local_processes`, default `LOCAL_WORLD_SIZE`,
+    which torchrun and `accelerate launch` set), at least one, at most 16. (Eight processes on a 16-core node used
+    to start 16 threads each.)"""
+    if local_processes is None:
+        try:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        except ValueError:
+            local_processes = 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // max(1, local_processes)))
 
 
 def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
@@ -273,29 +285,66 @@ def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
 
 def decode_store(rows: Any, threads: int | None = None) -> PixelStore:
     """Decode every row's image (full size, RGB) and mask once into a host `PixelStore` (uint8 planes + int16 ids),
-    with a thread pool (OpenCV and PIL decode without the GIL)."""
-    rows = encoded_rows(rows)
-    count = len(rows)
-    threads = threads or decode_threads()
+    with a thread pool (OpenCV and PIL decode without the GIL).
 
-    def decode(index: int) -> tuple[np.ndarray, np.ndarray]:
-        row = rows[index]
-        mask = decode_annotation(row["annotation"])
-        image = cv2.cvtColor(decode_image_bgr(row["image"], mask.shape), cv2.COLOR_BGR2RGB)
-        return image, mask
+    The sizes come first, from the masks' headers (PIL reads only the header); the store is then allocated once and
+    each thread decodes a sample straight into its place, so the peak is the store plus one decoded sample per
+    thread (a list of decoded samples packed afterwards held the pixels twice). A row without an annotation, or
+    whose files cannot be decoded or disagree in size, raises ValueError naming it."""
+    rows = encoded_rows(rows)
+    threads = threads or decode_threads()
+    masks = rows
+    if isinstance(rows, datasets.Dataset):  # the sizes pass reads the masks (and names), not every image's bytes
+        masks = rows.select_columns([name for name in ("annotation", "image_id") if name in rows.column_names])
+
+    def named(index: int, row: dict[str, Any], err: Exception) -> ValueError:
+        return ValueError(f"training sample {row.get('image_id', index)!r}: {err}")
+
+    def size(index: int) -> tuple[int, int]:
+        row = masks[index]
+        try:
+            width, height = open_image(training_annotation(row, index)).size
+        except (OSError, TypeError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise named(index, row, err) from err
+        return height, width
 
     with ThreadPoolExecutor(threads) as pool:
-        decoded = list(pool.map(decode, range(count)))
-    return PixelStore.pack([image for image, _ in decoded], [mask for _, mask in decoded])
+        sizes = list(pool.map(size, range(len(rows))))
+        store = PixelStore.allocate(sizes, sizes)  # the image is decoded at its mask's size
+
+        def decode(index: int) -> None:
+            row = rows[index]
+            try:
+                mask = decode_annotation(training_annotation(row, index))
+                store.put(index, decode_image_bgr(row["image"], mask.shape), mask, bgr=True)
+            except ValueError as err:
+                raise named(index, row, err) from err
+
+        for _ in pool.map(decode, range(len(rows))):
+            pass
+    return store
+
+
+def device_has_room(device: torch.device, nbytes: int, fraction: float = 0.5) -> bool:
+    """Whether `nbytes` take at most `fraction` of `device`'s free memory now (always true off CUDA: the store is
+    in the memory that device computes from). On CUDA, memory torch's caching allocator has reserved counts as used:
+    measured after a training step, the step's own peak is already set aside."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
 
 
 class DeviceBatchStream:
     """Endless augmented batches made on `device` from a decoded store (no DataLoader workers): the same stream
     positions as `build_train_dataloader` for the same (seed, rank, world_size, batch_size), the same draws.
 
-    The store is moved to `device` when it fits (at most `max_device_fraction` of the free device memory) and kept
-    in pinned host memory otherwise, in which case each batch's images are copied to the device first. `skip(n)`
-    skips the first n batches (what a resumed run consumed) without touching pixels.
+    Where the store lives is decided once, after the first `place_after` batches (one optimizer step of a run: by
+    then the model, the optimizer's state and a training step's peak are on the device; 0 decides at once): on
+    `device` when it takes at most `max_device_fraction` of the free device memory then (`device_has_room`), else in
+    host memory for the rest of the run, each batch's pixels gathered into a pinned staging buffer
+    (`augment_device.HostStaging`) and copied from there asynchronously. The batches are the same either way.
+    `skip(n)` skips the first n batches (what a resumed run consumed) without touching pixels.
     """
 
     def __init__(
@@ -308,6 +357,8 @@ class DeviceBatchStream:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         max_device_fraction: float = 0.5,
+        place_after: int = 0,
+        log: Callable[[str], Any] | None = None,
     ):
         self.config = config
         self.batch_size = batch_size
@@ -315,17 +366,39 @@ class DeviceBatchStream:
         self.device = torch.device(device)
         self.sampler = InfiniteShardedSampler(len(store), seed=seed, rank=rank, world_size=world_size)
         self.batches_made = 0
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            self.on_device = store.nbytes <= max_device_fraction * free
-            self.store = store.to(self.device) if self.on_device else store.to("cpu", pin_memory=True)
-        else:
-            self.on_device = True
-            self.store = store.to(self.device)
+        self.max_device_fraction = max_device_fraction
+        self.place_after = place_after
+        self.log = log
+        self.store = store.to("cpu")
+        self.on_device = False
+        self.placed = False
+        self.staging = HostStaging(pin=self.device.type == "cuda")
+        self._served = 0
+        if place_after <= 0:
+            self.place()
 
     @property
     def where(self) -> str:
-        return f"on {self.device}" if self.on_device else "in pinned host memory"
+        if self.on_device:
+            return f"on {self.device}"
+        if not self.placed:
+            return f"in host memory (placed after {self.place_after} batch(es), when a training step has run)"
+        return "in host memory (each batch copied through a pinned staging buffer)"
+
+    def place(self) -> None:
+        """Move the store to the device if it has room now (`device_has_room`); otherwise keep it in host memory."""
+        self.placed = True
+        nbytes = self.store.nbytes
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        if device_has_room(self.device, nbytes, self.max_device_fraction):
+            self.store = self.store.to(self.device)
+            self.on_device, self.staging = True, None
+        if self.log is not None and self.place_after > 0:
+            self.log(
+                f"Device-path store ({nbytes / 2**20:.1f} MiB) {self.where} after {self.place_after} batch(es)"
+                + ("" if free is None else f", when {free / 2**20:.0f} MiB of {self.device} were free")
+                + f" (it goes there when it takes at most {self.max_device_fraction:g} of the free memory)"
+            )
 
     def skip(self, batches: int) -> DeviceBatchStream:
         self.batches_made += batches
@@ -335,12 +408,15 @@ class DeviceBatchStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if not self.placed and self._served >= self.place_after:
+            self.place()
+        self._served += 1
         positions = self.sampler.positions(self.batches_made * self.batch_size, self.batch_size)
         indices = self.sampler.indices(positions)
         self.batches_made += 1
         batch = self.store.subset(indices)
         if not self.on_device:
-            batch = batch.compact(self.device)
+            batch = batch.compact(self.device, self.staging)
         params = draw_params(self.config, self.seed, positions, batch.heights, batch.widths)
         return augment_batch(self.config, batch, params)
 
@@ -354,13 +430,28 @@ def build_device_stream(
     world_size: int,
     device: torch.device | str,
     log: Callable[[str], Any] = print,
+    place_after: int = 1,
 ) -> DeviceBatchStream:
-    """Decode train-semi into a store, put it on `device` (or pinned host memory) and say where and how big."""
+    """Decode train-semi into a host store and say how big; it moves to a GPU `device` after `place_after` batches
+    (a run passes one optimizer step's micro-batches) if it has room then (see `DeviceBatchStream`)."""
     started = time.perf_counter()
     store = decode_store(rows)
-    stream = DeviceBatchStream(store, config, batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
+    device = torch.device(device)
+    place_after = place_after if device.type == "cuda" else 0  # off CUDA the store is already where it is used
+    stream = DeviceBatchStream(
+        store,
+        config,
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        place_after=place_after,
+        log=log,
+    )
     log(
         f"Decoded {len(store)} train-semi images into a {store.nbytes / 2**20:.1f} MiB uint8 store {stream.where} in "
-        f"{time.perf_counter() - started:.1f} s; augmenting batches there (no DataLoader workers)"
+        f"{time.perf_counter() - started:.1f} s with {decode_threads()} thread(s); augmenting batches on {device} "
+        "(no DataLoader workers)"
     )
     return stream

@@ -24,7 +24,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.runtime import describe_machine
+from imagenets_hf.runtime import describe_machine, set_deterministic
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
@@ -369,8 +369,15 @@ def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, ski
                 f"augment_on_device runs the published mmseg pipeline; recipe pipeline is {recipe.pipeline!r} "
                 "(pass --augment-on-device false or --pipeline mmseg)"
             )
+        # The store's place (GPU or host memory) is decided after the first optimizer step, when the model, the
+        # optimizer's state and a step's peak are on the device (see DeviceBatchStream).
         stream = build_device_stream(
-            train_rows, augmentation, device=accelerator.device, log=accelerator.print, **common
+            train_rows,
+            augmentation,
+            device=accelerator.device,
+            log=accelerator.print,
+            place_after=recipe.gradient_accumulation_steps(accelerator.num_processes),
+            **common,
         )
         return stream.skip(skip)
     loader = build_train_dataloader(
@@ -384,6 +391,7 @@ def setup_run(
 ) -> TrainingRun:
     """Claim the output folder, build the data, model, optimizer and schedule, and restore a checkpoint to resume."""
     check_output_dir(recipe, resume, overwrite)  # on every process, before anything is written
+    set_deterministic(recipe.deterministic)  # before the first cuBLAS call (see runtime.set_deterministic)
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         log_with="tensorboard",
@@ -422,7 +430,7 @@ def setup_run(
             # torch's SyncBatchNorm has no CPU kernel; DDP broadcasts rank 0's BN buffers instead.
             print_main("note: SyncBatchNorm needs GPUs; on CPU processes keep per-process BatchNorm statistics")
         else:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, compiling=recipe.compile)
 
     optimizer = build_optimizer(
         model,
@@ -551,6 +559,21 @@ def _multi_process_without_accelerator() -> bool:
     from imagenets_hf.runtime import accelerator_available
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerator_available()
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, compiling: bool) -> torch.nn.Module:
+    """BatchNorm -> SyncBatchNorm (DDP on GPUs). For a compiled model the SyncBatchNorm layers run eagerly
+    (`torch.compiler.disable`): dynamo cannot trace their process-group collectives (pytorch/pytorch#107372 and
+    #100239: compile + DDP + SyncBatchNorm failures; #161302: dynamo breaks the graph there; #156680: fullgraph
+    fails), so the graph breaks at the head's norm on purpose, with the BN statistics still synchronised. Only
+    GPUs can run SyncBatchNorm in training (`scripts/check_gpu.py` compiles on one GPU; the multi-GPU compiled run
+    is not yet measured)."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if compiling:
+        for module in model.modules():
+            if isinstance(module, torch.nn.SyncBatchNorm):
+                module.forward = torch.compiler.disable(module.forward)
+    return model
 
 
 def _revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

@@ -147,6 +147,11 @@ class Recipe:
         "fp16", help="no, fp16 (autocast + gradient scaler, GPU only) or bf16", choices=MIXED_PRECISIONS
     )
     compile: bool = _option(False, help="compile the model with torch.compile (inductor)")
+    deterministic: bool = _option(
+        False,
+        help="deterministic algorithms (torch, cuDNN, cuBLAS workspace): on a GPU, a resumed run then equals an "
+        "uninterrupted one bit for bit (slower; the CPU is deterministic anyway)",
+    )
     seed: int = _option(0, help="random seed: initial weights, sample order and augmentation")
     val_interval: int = _option(360, help="evaluate on validation every N iterations (0: only at the end)")
     eval_batch_size: int = _option(8, help="images per evaluation batch")
