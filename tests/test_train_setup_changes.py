@@ -231,3 +231,19 @@ def test_evaluation_runs_and_records_its_own_precision(mini_dir, tmp_path, monke
         )
         assert seen.pop() == ("no", dtype)
         assert json.loads(output.read_text())["dtype"] == recorded
+
+
+def test_the_model_card_says_what_ran(tmp_path):
+    """A recipe's fp16 that ran as float32 (on a CPU), compiled: the card's results table says so. (Before, it said
+    the recipe's "mixed precision fp16".)"""
+    from imagenets_hf.training.finetune import write_model_card
+
+    recipe = load_recipe("demo", {"mixed_precision": "fp16", "output_dir": str(tmp_path)})
+    ran = {"mixed_precision": "no", "compiled": True, "tf32": False}
+    runtime = {"iterations": 6, "num_processes": 1, "gradient_accumulation_steps": 1, "train_seconds": 1.0, **ran}
+    card = write_model_card(tmp_path, recipe, None, None, runtime).read_text()
+    assert "global batch of 16, mixed precision no (recipe: fp16), compiled, 1 s |" in card
+    runtime.update(mixed_precision="bf16", compiled=False, tf32=True)
+    recipe.mixed_precision = "bf16"
+    card = write_model_card(tmp_path, recipe, None, None, runtime).read_text()
+    assert "global batch of 16, mixed precision bf16, TF32 matmuls, 1 s |" in card
