@@ -247,3 +247,27 @@ def test_the_model_card_says_what_ran(tmp_path):
     recipe.mixed_precision = "bf16"
     card = write_model_card(tmp_path, recipe, None, None, runtime).read_text()
     assert "global batch of 16, mixed precision bf16, TF32 matmuls, 1 s |" in card
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "expected_prefixes"),
+    [({}, ()), ({"out_indices": [0]}, ("encoder.blocks.1.",)), ({"final_norm": False}, ("encoder.norm.",))],
+)
+def test_the_parameters_the_loss_cannot_reach_are_frozen(model_kwargs, expected_prefixes):
+    """Exactly the parameters without a gradient after a training step are frozen (block 1 when the head reads
+    block 0, the final norm when it is not applied, none by default); the probe leaves the mode, the BatchNorm
+    statistics and the random state as they were."""
+    from imagenets_hf.training.finetune import freeze_unreached_parameters
+
+    model = tiny_model(**model_kwargs).train()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    random_state = torch.get_rng_state()
+    frozen = freeze_unreached_parameters(model)
+    assert model.training and torch.equal(torch.get_rng_state(), random_state)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    names = [name for name, _ in model.named_parameters()]
+    assert frozen == [name for name in names if name.startswith(expected_prefixes)]
+    assert all(not param.requires_grad for name, param in model.named_parameters() if name in frozen)
+    model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.randint(0, 5, (2, 32, 32))).loss.backward()
+    assert [name for name, param in model.named_parameters() if param.grad is None] == frozen

@@ -425,7 +425,10 @@ def setup_run(
             )
     frozen = freeze_unreached_parameters(model)
     if frozen:
-        print_main(f"note: {len(frozen)} parameters do not reach the loss (the head reads earlier blocks); frozen")
+        print_main(
+            f"note: {len(frozen)} parameters never reach the loss ({frozen[0]} ... {frozen[-1]}); they are frozen, "
+            "so that DDP does not wait for their gradients"
+        )
     if accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             # torch's SyncBatchNorm has no CPU kernel; DDP broadcasts rank 0's BN buffers instead.
@@ -500,7 +503,7 @@ def freeze_unreached_parameters(model: torch.nn.Module) -> list[str]:
     them), the final norm when `final_norm` is off. They would never get a gradient, which DDP takes for an error at
     the second iteration ("Expected to have finished reduction") unless told to search the graph for them on every
     iteration (`find_unused_parameters`); frozen, DDP leaves them out of its buckets, and AdamW (which skips a
-    parameter without gradient, as mmcv's runs did) trains the same. They stay in the model, so the saved weights
+    parameter without gradient, as it did under mmcv) trains the same. They stay in the model, so the saved weights
     keep the configured depth and load like any other.
 
     Found by one backward pass of a 2 x 2 patch input in eval mode (no random draws, no BatchNorm statistics
@@ -514,11 +517,10 @@ def freeze_unreached_parameters(model: torch.nn.Module) -> list[str]:
         model.train(was_training)
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     grads = torch.autograd.grad(logits.sum(), [param for _, param in named], allow_unused=True)
-    frozen = [name for (name, param), grad in zip(named, grads) if grad is None]
-    for (_, param), grad in zip(named, grads):
-        if grad is None:
-            param.requires_grad_(False)
-    return frozen
+    unreached = [(name, param) for (name, param), grad in zip(named, grads) if grad is None]
+    for _, param in unreached:
+        param.requires_grad_(False)
+    return [name for name, _ in unreached]
 
 
 def what_runs(accelerator: Accelerator, model: torch.nn.Module, tf32: bool) -> dict[str, Any]:
@@ -588,7 +590,7 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
     table = format_iou_table(metrics, run.names)
     result["metrics"] = metrics
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.model)
+        final = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its wrapper
         if any(isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()):
             final = _revert_sync_batchnorm(final)
         final.to(torch.float32).save_pretrained(output_dir)
