@@ -143,6 +143,24 @@ def test_a_checkpoint_resumes_whatever_wraps_the_model(tmp_path, fresh_accelerat
         assert torch.equal(actual_state[index]["exp_avg"], expected_state[index]["exp_avg"])
 
 
+def test_a_checkpoint_without_a_gradient_scaler_resumes_with_one(tmp_path, fresh_accelerate_state):
+    """A run whose recipe says fp16, checkpointed on a CPU (float32, no GradScaler, no scaler.pt), resumes on a GPU
+    (fp16 with a GradScaler, stood in for here by a CPU one) with a fresh scaler. (Before, accelerate stopped on the
+    missing scaler.pt.)"""
+    from accelerate import Accelerator
+
+    from imagenets_hf.training.checkpoints import load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model()
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    folder = save_checkpoint(accelerator, tmp_path, iteration=1, keep=1)
+    assert not (folder / "scaler.pt").exists()
+    scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    load_checkpoint(accelerator, folder)
+    assert accelerator.scaler is scaler and scaler.get_scale() == 1024.0
+
+
 @pytest.mark.slow
 def test_resume_with_compile_switched_on_and_off(mini_dir, tmp_path, monkeypatch):
     """3 iterations compiled, 3 more not, and the reverse: the weights after 6 iterations equal an uninterrupted

@@ -178,8 +178,10 @@ def bare_parameter_name(name: str) -> str:
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> None:
     """`accelerator.load_state(path)`, with the model's weights matched by their bare names (`bare_parameter_name`),
-    so that a checkpoint saved from a wrapped model loads into a bare one and the reverse."""
-    from accelerate.utils import extract_model_from_parallel
+    so that a checkpoint saved from a wrapped model loads into a bare one and the reverse; and a checkpoint without
+    gradient-scaler state (written where a recipe's fp16 ran in float32: on a CPU) resumed by a run with a scaler (on a
+    GPU), which starts its scaler afresh where accelerate would stop on the missing file."""
+    from accelerate.utils import SCALER_NAME, extract_model_from_parallel
     from safetensors.torch import load_file
 
     def load_model_weights(models: list, input_dir: str) -> None:
@@ -192,7 +194,11 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> None:
         models.clear()  # loaded: accelerate goes on with the optimizer, scheduler, scaler and random states
 
     handle = accelerator.register_load_state_pre_hook(load_model_weights)
+    scaler = accelerator.scaler
+    if not (Path(path) / SCALER_NAME).is_file():
+        accelerator.scaler = None  # nothing to restore it from
     try:
         accelerator.load_state(str(path))
     finally:
+        accelerator.scaler = scaler
         handle.remove()
