@@ -61,7 +61,7 @@ def test_resume_on_two_processes_then_on_one_with_a_head_on_an_early_block(mini_
     actual = load_file(changed / "checkpoints" / "checkpoint_6" / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     # block 1 never trained: it equals the initial weights (the model as setup_run builds it)
     recipe = load_recipe("demo", overrides)
     _, _, names = prepare_data(recipe)
