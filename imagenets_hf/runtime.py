@@ -4,8 +4,11 @@
   `accelerator_available` says whether any accelerator is there (multi-process runs without one need accelerate's
   CPU mode).
 - `resolve_dtype` / `DTYPE_NAMES`: every precision name the command lines and recipes use ("fp32", "bf16", "fp16",
-  the long torch names, accelerate's "no") and `"auto"`; `autocast_dtype` turns accelerate's `mixed_precision`
-  into the autocast dtype evaluation uses.
+  the long torch names, accelerate's "no") and `"auto"` (bf16 only where the GPU computes in it natively:
+  `cuda_bf16_native`); `autocast_dtype` turns accelerate's `mixed_precision` into the autocast dtype evaluation uses.
+- `set_tf32`: whether float32 matmuls and convolutions on CUDA may use TF32 tensor cores (a training choice).
+- `make_accelerator`: an `accelerate.Accelerator` with the settings asked for, not those of an earlier one in the
+  same process.
 - `describe_machine`: the words that name where a figure was measured (the GPU's name, or the CPU and its cores).
 - `set_deterministic`: deterministic algorithms on or off (torch, cuDNN, cuBLAS's workspace), which CUDA training
   needs to repeat itself bit for bit (a resumed run then equals an uninterrupted one, as on the CPU).
@@ -60,18 +63,46 @@ def accelerator_available() -> bool:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype | None:
     """A torch dtype from a precision name (`DTYPE_NAMES`) or a dtype; None stays None (full precision, no
-    autocast). `"auto"`: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 elsewhere (`device`
-    default: `resolve_device()`)."""
+    autocast). `"auto"`: bfloat16 on a GPU that computes in it natively (`cuda_bf16_native`), float16 on other CUDA
+    GPUs, float32 elsewhere (`device` default: `resolve_device()`)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         device = device if device is not None else resolve_device()
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_bf16_native(device) else torch.float16
         return torch.float32
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPE_NAMES)}")
     return DTYPE_NAMES[dtype]
+
+
+def cuda_bf16_native(device: torch.device | str | None = None) -> bool:
+    """Whether the CUDA GPU `device` (default: the current one) has bfloat16 tensor cores: compute capability 8.0
+    (Ampere) or newer. `torch.cuda.is_bf16_supported()` also says True on older GPUs that only emulate bfloat16
+    (slower than float16 there), unless asked `including_emulation=False` (torch >= 2.3); the capability is asked
+    directly so that older torch versions answer the same."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:  # ROCm GPUs that run torch support bfloat16
+        return True
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
+def set_tf32(enabled: bool, device: torch.device | str) -> bool:
+    """On a CUDA `device`, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (`enabled`) or keep them
+    in full float32; return whether TF32 is in use (False on other devices and on GPUs older than Ampere, which have
+    none). PyTorch turned TF32 matmuls off by default in 1.12 (convolutions stayed on); mmsegmentation 0.x ran on
+    earlier versions, where both were on. Process-wide, as torch's flags are."""
+    if torch.device(device).type != "cuda":
+        return False
+    # The legacy pair of switches, not `torch.backends.*.fp32_precision`: torch refuses to read the matmul precision
+    # once both APIs were used, and torch.compile and other libraries read it through the legacy one.
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled and torch.cuda.get_device_capability(torch.device(device).index)[0] >= 8
 
 
 def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
@@ -90,8 +121,7 @@ def set_deterministic(on: bool) -> dict[str, object]:
     `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless the environment already holds one. torch sizes cuBLAS's workspace
     from that variable once per process, at its first cuBLAS call (`getChosenWorkspaceSize` caches it), and refuses
     cuBLAS calls in deterministic mode without it: call this before anything runs on the GPU (`finetune` does,
-    first thing). Off, the flags go
-    back to torch's defaults (the variable stays). Returns the settings, for the run's record."""
+    first thing). Off, the flags go back to torch's defaults (the variable stays). Returns the settings, for the run's record."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     torch.use_deterministic_algorithms(on)
@@ -103,6 +133,18 @@ def set_deterministic(on: bool) -> dict[str, object]:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
+
+
+def make_accelerator(**kwargs):
+    """`accelerate.Accelerator(**kwargs)` with exactly these settings. accelerate keeps one `AcceleratorState` per
+    process and gives every later Accelerator the first one's torch.compile backend (and refuses another mixed
+    precision), so a second run in the same process (a notebook, the tests) would train with the first run's
+    settings. That state is dropped first; the process group and device (`PartialState`) stay."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(**kwargs)
 
 
 def rss_bytes() -> int:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype",
         default="auto",
         choices=["auto", *DTYPE_NAMES],
-        help="autocast dtype; auto: bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU",
+        help="autocast dtype; auto: bfloat16 on GPUs of compute capability 8.0+, float16 on older ones, float32 on CPU",
     )
     parser.add_argument(
         "--matmul-size", type=cli.non_negative_int, default=0, help="side of the peak matmul (0: 8192 CUDA, 2048 CPU)"

@@ -29,7 +29,7 @@ def build_parser() -> cli.ArgumentParser:
         metavar="DIR|latest",
         help="continue the run in --output-dir from its newest complete checkpoint (latest, the default) or from a "
         "checkpoint folder; the recipe must be the one the run was started with (up to the iteration budget and the "
-        "logging, evaluation and checkpoint intervals)",
+        "logging, evaluation and checkpoint intervals, and --compile)",
     )
     parser.add_argument(
         "--overwrite",

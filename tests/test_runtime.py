@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagenets_hf.runtime import RssPeak, autocast_dtype, resolve_device, resolve_dtype
+from imagenets_hf.runtime import RssPeak, autocast_dtype, resolve_device, resolve_dtype, set_tf32
 
 
 def test_precision_names():
@@ -24,6 +24,43 @@ def test_precision_names():
     assert autocast_dtype("bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'half'"):
         resolve_dtype("half")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda answering as on one GPU of a given compute capability (set `fake_gpu["capability"]`), and saying
+    bfloat16 is supported as torch does by default on any CUDA GPU that can emulate it. torch's TF32 switches are
+    restored afterwards."""
+    gpu = {"capability": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield gpu
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])
+def test_auto_precision_is_bf16_only_on_gpus_that_compute_in_it(fake_gpu, capability, expected):
+    """ "auto" on a V100 (7.0, bfloat16 emulated: slower than float16) is float16; on an A100 (8.0) bfloat16. (Before,
+    `torch.cuda.is_bf16_supported()`, which counts emulation, made it bfloat16 on both.)"""
+    fake_gpu["capability"] = capability
+    assert resolve_dtype("auto", torch.device("cuda")) is expected
+
+
+def test_tf32_is_a_choice_applied_on_cuda_only(fake_gpu):
+    """On CUDA, `tf32` true lets float32 matmuls ("high" precision) and cuDNN convolutions use TF32 and says whether
+    the GPU has it (Ampere, 8.0, and newer); false keeps full float32. Elsewhere nothing changes."""
+    assert set_tf32(True, "cuda") is True
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    assert set_tf32(False, "cuda:0") is False
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    fake_gpu["capability"] = (7, 0)
+    assert set_tf32(True, "cuda") is False  # switched on, but a V100 has no TF32
+    torch.set_float32_matmul_precision("highest")
+    assert set_tf32(True, "cpu") is False and torch.get_float32_matmul_precision() == "highest"
 
 
 def test_device_choice():

@@ -110,14 +110,14 @@ def run_evaluation(
             "the per-class IoU chart needs matplotlib: pip install matplotlib (or leave --plot out)"
         )
 
-    from accelerate import Accelerator
-
     from imagenets_hf.data.imagenets import load_imagenets
     from imagenets_hf.evaluation.inference import evaluate_model, format_iou_table
     from imagenets_hf.evaluation.report import plot_per_class_iou, write_metrics_json
-    from imagenets_hf.runtime import accelerator_available
+    from imagenets_hf.runtime import accelerator_available, make_accelerator
 
-    accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
+    # mixed_precision "no": the precision is `dtype` alone (recorded below), never ACCELERATE_MIXED_PRECISION, which
+    # `accelerate launch` sets from the user's accelerate config. Several CPU processes need cpu=True.
+    accelerator = make_accelerator(mixed_precision="no", cpu=not accelerator_available())
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
         dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
@@ -178,12 +178,11 @@ def run_prediction(
     if submission is not None and method_file is not None and not Path(method_file).is_file():
         raise FileNotFoundError(f"no such method file: {method_file}")
 
-    from accelerate import Accelerator
-
     from imagenets_hf.evaluation.submission import make_submission
-    from imagenets_hf.runtime import accelerator_available
+    from imagenets_hf.runtime import accelerator_available, make_accelerator
 
-    accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
+    # As run_evaluation: the precision is `dtype` alone; several CPU processes need cpu=True.
+    accelerator = make_accelerator(mixed_precision="no", cpu=not accelerator_available())
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     if overlay and overlay_dir is None:
         overlay_dir = Path(out_dir).with_name(Path(out_dir).name + "_overlays")

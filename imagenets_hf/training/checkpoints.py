@@ -6,6 +6,11 @@ last. It is first written to `.incomplete-checkpoint_<iteration>/` and renamed i
 once every file is on disk, so a folder named `checkpoint_<N>` is complete unless something damaged it later; the
 manifest catches that too (a file cut short or missing). Older checkpoints are removed only after the new one is in
 place, so the newest complete checkpoint always survives.
+
+A checkpoint resumes whatever wraps the model now (`load_checkpoint`): `save_state` writes the state dict of the module
+that was handed to `prepare` (no `module.` from DDP, no `_orig_mod.` from accelerate's torch.compile, SyncBatchNorm
+named as BatchNorm), and a model wrapped before `prepare` (compiled by the caller: `_orig_mod.` names) is read by the
+names of the bare module, so runs move between process counts and `--compile` on and off.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from pathlib import Path
 from accelerate import Accelerator
 
 MANIFEST_FILE_NAME = "checkpoint.json"
+MODEL_FILE_NAME = "model.safetensors"  # what accelerate's save_state writes for the (single) prepared model
+# What wrappers put before a module's parameter names: torch.compile's OptimizedModule and DDP.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 CHECKPOINT_PREFIX = "checkpoint_"
 INCOMPLETE_PREFIX = ".incomplete-"
 
@@ -159,3 +167,38 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
     doomed = [path for _, path in complete[max(keep, 1) :]] + [path for it, path in other if it < newest]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def bare_parameter_name(name: str) -> str:
+    """`name` without the wrapper prefixes (`WRAPPER_PREFIXES`, in any order and number)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> None:
+    """`accelerator.load_state(path)`, with the model's weights matched by their bare names (`bare_parameter_name`),
+    so that a checkpoint saved from a wrapped model loads into a bare one and the reverse; and a checkpoint without
+    gradient-scaler state (written where a recipe's fp16 ran in float32: on a CPU) resumed by a run with a scaler (on a
+    GPU), which starts its scaler afresh where accelerate would stop on the missing file."""
+    from accelerate.utils import SCALER_NAME, extract_model_from_parallel
+    from safetensors.torch import load_file
+
+    def load_model_weights(models: list, input_dir: str) -> None:
+        weights = Path(input_dir) / MODEL_FILE_NAME
+        if len(models) != 1 or not weights.is_file():
+            return  # not what this project saves: accelerate's own loading says what is wrong
+        model = extract_model_from_parallel(models[0], keep_torch_compile=False)
+        state = {bare_parameter_name(name): tensor for name, tensor in load_file(weights).items()}
+        model.load_state_dict(state, strict=True)
+        models.clear()  # loaded: accelerate goes on with the optimizer, scheduler, scaler and random states
+
+    handle = accelerator.register_load_state_pre_hook(load_model_weights)
+    scaler = accelerator.scaler
+    if not (Path(path) / SCALER_NAME).is_file():
+        accelerator.scaler = None  # nothing to restore it from
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator.scaler = scaler
+        handle.remove()

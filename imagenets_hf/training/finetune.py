@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.runtime import describe_machine, set_deterministic
+from imagenets_hf.runtime import describe_machine, make_accelerator, set_deterministic, set_tf32
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
+    load_checkpoint,
     newest_complete_checkpoint,
     save_checkpoint,
 )
@@ -37,6 +38,8 @@ from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
 
 RESULTS_FILE_NAME = "results.json"
+# The torch.compile backend of `--compile true` (tests swap in "eager", which compiles in seconds on a CPU).
+COMPILE_BACKEND = "inductor"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -189,8 +192,7 @@ def write_model_card(
         f"| `{output_dir.name}` | `{recipe.name}` | {encoder}, {recipe.head} | "
         f"`{recipe.pretrained or 'none (from scratch)'}` | {miou} on `{recipe.data_dir}` (subset {recipe.subset}"
         f"{images}) | {reported} | {machine}, {runtime.get('iterations')} iterations at a global batch of "
-        f"{recipe.global_batch_size}, mixed precision {recipe.mixed_precision}, "
-        f"{runtime.get('train_seconds', 0):.0f} s |",
+        f"{recipe.global_batch_size}, {describe_settings(recipe, runtime)}, {runtime.get('train_seconds', 0):.0f} s |",
         "",
         f"Trained on train-semi; {runtime.get('num_processes')} process(es) x {recipe.per_device_batch_size} per "
         f"device x {runtime.get('gradient_accumulation_steps')} accumulation. mIoU is the official one: the mean "
@@ -262,6 +264,7 @@ class TrainingRun:
     num_train_rows: int
     accumulation: int
     last_checkpoint: Path | None
+    settings: dict[str, Any]  # how it runs: `what_runs`
 
     @property
     def output_dir(self) -> Path:
@@ -299,7 +302,7 @@ def finetune(
         f"Fine-tuning {recipe.name}: {run.num_train_rows} train-semi images, {len(run.val_rows)} validation images, "
         f"{len(run.names)} labels; {accelerator.num_processes} process(es) x {recipe.per_device_batch_size} per "
         f"device x {run.accumulation} accumulation = global batch {recipe.global_batch_size}; iterations "
-        f"{start_iteration}->{end_iteration} of {recipe.max_iters}; mixed precision {recipe.mixed_precision}"
+        f"{start_iteration}->{end_iteration} of {recipe.max_iters}; {describe_settings(recipe, run.settings)}"
     )
     bar = tqdm(
         total=end_iteration,
@@ -343,6 +346,7 @@ def finetune(
         "iterations": end_iteration,
         "num_processes": accelerator.num_processes,
         "gradient_accumulation_steps": run.accumulation,
+        **run.settings,
         "train_seconds": time.perf_counter() - started,
     }
     if end_iteration < recipe.max_iters:  # stopped early: checkpoint so that --resume continues
@@ -392,16 +396,19 @@ def setup_run(
     """Claim the output folder, build the data, model, optimizer and schedule, and restore a checkpoint to resume."""
     check_output_dir(recipe, resume, overwrite)  # on every process, before anything is written
     set_deterministic(recipe.deterministic)  # before the first cuBLAS call (see runtime.set_deterministic)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
+        # Both explicit: left unset, accelerate takes ACCELERATE_MIXED_PRECISION and ACCELERATE_DYNAMO_BACKEND from
+        # the environment (`accelerate launch` sets them from the user's `accelerate config`), not from the recipe.
         mixed_precision=recipe.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(
             project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
         ),
-        dynamo_backend="inductor" if recipe.compile else None,
+        dynamo_backend=COMPILE_BACKEND if recipe.compile else "no",
         step_scheduler_with_optimizer=False,
         cpu=_multi_process_without_accelerator(),
     )
+    tf32 = set_tf32(recipe.tf32, accelerator.device)
     accumulation = recipe.gradient_accumulation_steps(accelerator.num_processes)
     # The data first: a wrong data folder must fail before the output folder is claimed.
     train_rows, val_rows, names = prepare_data(recipe, accelerator, make_mini_dataset)
@@ -425,6 +432,12 @@ def setup_run(
                 key=recipe.pretrained_key,
                 verbose=accelerator.is_main_process,
             )
+    frozen = freeze_unreached_parameters(model)
+    if frozen:
+        print_main(
+            f"note: {len(frozen)} parameters never reach the loss ({frozen[0]} ... {frozen[-1]}); they are frozen, "
+            "so that DDP does not wait for their gradients"
+        )
     if accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             # torch's SyncBatchNorm has no CPU kernel; DDP broadcasts rank 0's BN buffers instead.
@@ -466,6 +479,7 @@ def setup_run(
         num_train_rows=len(train_rows),
         accumulation=accumulation,
         last_checkpoint=last_checkpoint,
+        settings=what_runs(accelerator, model, tf32),
     )
 
 
@@ -487,9 +501,58 @@ def restore_checkpoint(
         problem = checkpoint_problem(path)
         if problem is not None:
             raise FileNotFoundError(f"cannot resume from {path}: {problem}; pass --resume latest or another folder")
-    accelerator.load_state(str(path))
+    load_checkpoint(accelerator, path)
     accelerator.print(f"Resumed from {path} at iteration {progress.iteration}")
     return path
+
+
+def freeze_unreached_parameters(model: torch.nn.Module) -> list[str]:
+    """Turn off `requires_grad` for the parameters the loss cannot reach, and return their names: the encoder blocks
+    after the last one the head reads (`out_indices` before the last block; `encoder.feature_maps` does not run
+    them), the final norm when `final_norm` is off. They would never get a gradient, which DDP takes for an error at
+    the second iteration ("Expected to have finished reduction") unless told to search the graph for them on every
+    iteration (`find_unused_parameters`); frozen, DDP leaves them out of its buckets, and AdamW (which skips a
+    parameter without gradient, as it did under mmcv) trains the same. They stay in the model, so the saved weights
+    keep the configured depth and load like any other.
+
+    Found by one backward pass of a 2 x 2 patch input in eval mode (no random draws, no BatchNorm statistics
+    updated), so it covers every encoder family and head."""
+    patch = int(model.patch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(pixel_values=torch.zeros(1, 3, 2 * patch, 2 * patch)).logits
+    finally:
+        model.train(was_training)
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    grads = torch.autograd.grad(logits.sum(), [param for _, param in named], allow_unused=True)
+    unreached = [(name, param) for (name, param), grad in zip(named, grads) if grad is None]
+    for _, param in unreached:
+        param.requires_grad_(False)
+    return [name for name, _ in unreached]
+
+
+def what_runs(accelerator: Accelerator, model: torch.nn.Module, tf32: bool) -> dict[str, Any]:
+    """How the run really trains, recorded in results.json and the model card: the mixed precision accelerate applies
+    ("no" for fp16 asked on a CPU), whether the model is compiled, whether float32 matmuls use TF32."""
+    return {
+        "mixed_precision": accelerator.mixed_precision if accelerator.native_amp else "no",
+        "compiled": is_compiled_module(model),
+        "tf32": tf32,
+    }
+
+
+def describe_settings(recipe: Recipe, settings: dict[str, Any]) -> str:
+    """ "mixed precision no (recipe: fp16), compiled, TF32 matmuls" from `what_runs` (the recipe's where unknown)."""
+    precision = settings.get("mixed_precision", recipe.mixed_precision)
+    words = f"mixed precision {precision}"
+    if precision != recipe.mixed_precision:
+        words += f" (recipe: {recipe.mixed_precision})"
+    if settings.get("compiled"):
+        words += ", compiled"
+    if settings.get("tf32"):
+        words += ", TF32 matmuls"
+    return words
 
 
 def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
@@ -537,7 +600,7 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
     table = format_iou_table(metrics, run.names)
     result["metrics"] = metrics
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.model)
+        final = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its wrapper
         if any(isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()):
             final = _revert_sync_batchnorm(final)
         final.to(torch.float32).save_pretrained(output_dir)

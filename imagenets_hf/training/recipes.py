@@ -146,6 +146,7 @@ class Recipe:
     mixed_precision: str = _option(
         "fp16", help="no, fp16 (autocast + gradient scaler, GPU only) or bf16", choices=MIXED_PRECISIONS
     )
+    tf32: bool = _option(True, help="float32 matmuls and convolutions on CUDA GPUs from Ampere on use TF32 cores")
     compile: bool = _option(False, help="compile the model with torch.compile (inductor)")
     deterministic: bool = _option(
         False,

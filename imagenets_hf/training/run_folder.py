@@ -3,7 +3,7 @@ mixed with another run.
 
 A run folder is recognised by `recipe.yaml`, the resolved recipe it was started with (written before anything else).
 `--resume` continues it only with the same recipe, up to the fields in `RESUMABLE_FIELDS` (the iteration budget and
-what only changes logging, evaluation, checkpointing or loading speed).
+what only changes logging, evaluation, checkpointing, loading speed or compilation).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoints_total_limit",
         "eval_batch_size",
         "num_workers",  # the samples do not depend on the worker count (see training/data.py)
+        "compile",  # the same model and arithmetic; checkpoints hold the uncompiled module's names either way
     }
 )
 
