@@ -5,7 +5,7 @@ Per encoder: forward throughput (eval, no grad), training-step throughput (forwa
 memory, and the fraction of the machine's matmul peak (measured here with a large matmul) that each reaches (model
 FLOPs counted with torch.utils.flop_counter). On CUDA it runs under fp16/bf16 autocast.
 
-Not imported by the model package: the modeling/config/processor files are copied for trust_remote_code loading.
+The measuring tools (matmul peak, FLOP counter, peak memory) are shared with `recipe.py`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ training samples/s on device-resident batches, MFU (FLOPs from torch.utils.flop_
 in the same dtype), peak training memory, evaluation fps by the official protocol (one image at a time, short side
 `eval_short_side`, through `predict_segmentation_tensors`, uncompiled and in the dtype `evaluate_model` uses, as
 `finetune` evaluates), the data path's samples/s per DataLoader worker (`measure_data_path`) and the projected wall
-time of the full recipe. The measuring tools (matmul peak, FLOP counter, memory) are `imagenets_hf.model.benchmark`'s.
+time of the full recipe. The measuring tools (matmul peak, FLOP counter, memory) are `imagenets_hf.benchmarks.model`'s.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ import timm
 import torch
 from PIL import Image
 
-from imagenets_hf.data.augment import AugmentConfig
-from imagenets_hf.data.masks import IGNORE_INDEX
-from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.evaluation.inference import predict_segmentation_tensors
-from imagenets_hf.model.benchmark import (
+from imagenets_hf.benchmarks.data import measure_device_path, realistic_samples
+from imagenets_hf.benchmarks.model import (
     PeakMemory,
     count_flops,
     measure_matmul_peak,
@@ -41,8 +38,11 @@ from imagenets_hf.model.benchmark import (
     synchronize,
     tensor_bytes,
 )
+from imagenets_hf.data.augment import AugmentConfig
+from imagenets_hf.data.masks import IGNORE_INDEX
+from imagenets_hf.data.transforms import train_augmentation_from_recipe
+from imagenets_hf.evaluation.inference import predict_segmentation_tensors
 from imagenets_hf.runtime import describe_machine
-from imagenets_hf.training.benchmark_data import measure_device_path, realistic_samples
 from imagenets_hf.training.data import AugmentedSegmentationDataset, pack_train_masks
 from imagenets_hf.training.finetune import build_image_processor, build_model
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
@@ -140,7 +140,7 @@ def make_train_step(
 
 def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0) -> dict[str, float]:
     """Samples/s of the recipe's training data paths on `num_images` realistic 500x375 / 375x500 images
-    (`benchmark_data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
+    (`benchmarks.data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
     `worker_samples_per_s` (one DataLoader worker: decode + `AugmentedSegmentationDataset`, a batch at a time, the
     masks packed once first as training does) and,
     for the published pipeline, `device_samples_per_s` (the device path on the device that trains, store decoded
