@@ -138,13 +138,15 @@ def make_train_step(
     return step
 
 
-def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0) -> dict[str, float]:
+def measure_data_path(
+    recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0, device: str | torch.device = "auto"
+) -> dict[str, float]:
     """Samples/s of the recipe's training data paths on `num_images` realistic 500x375 / 375x500 images
     (`benchmarks.data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
     `worker_samples_per_s` (one DataLoader worker: decode + `AugmentedSegmentationDataset`, a batch at a time, the
     masks packed once first as training does) and,
     for the published pipeline, `device_samples_per_s` (the device path on the device that trains, store decoded
-    once; CPU here, CUDA where the benchmark runs on a GPU - see `device_device`)."""
+    once, on `device`: the one the recipe is benchmarked on)."""
     rows = realistic_samples(num_images, recipe.num_labels or 920, seed=seed)
     augmentation = train_augmentation_from_recipe(recipe)
     masks = pack_train_masks(rows) if isinstance(augmentation, AugmentConfig) else None  # as training does
@@ -162,7 +164,7 @@ def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed
             best = min(best, time.perf_counter() - started)
         rates = {"worker_samples_per_s": num_images / best}
         if recipe.pipeline == "mmseg":
-            device = resolve_device()
+            device = resolve_device(device)
             config = AugmentConfig.from_recipe(recipe)
             rates["device_samples_per_s"] = measure_device_path(config, rows, device, len(rows), passes)
     finally:
@@ -405,7 +407,7 @@ def run_recipe_benchmark(
         # the machine may be shared: measure the peak next to each recipe and keep the best seen
         dtype = precision.compute_dtype
         peaks[dtype] = max(peaks.get(dtype, 0.0), measure_matmul_peak(torch_device, dtype, matmul_size))
-        data_rates = measure_data_path(recipe, num_images=data_images)
+        data_rates = measure_data_path(recipe, num_images=data_images, device=torch_device)
         row = bench_recipe(
             recipe,
             device=torch_device,
