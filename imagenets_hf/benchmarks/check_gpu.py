@@ -16,8 +16,10 @@ Steps (each one's failure is recorded and the others still run; `run_checks` rep
 Without CUDA (or with `toy=True`) every step runs at toy sizes on the CPU (a 2-block ViT, a few iterations, no mIoU
 bar), so that CI runs the same code (`tests/test_bench_check_gpu.py`).
 
-The other fine-tunings run in this process, one after the other. The DDP step's first half runs as a child of
-`accelerate launch` (`python -m imagenets_hf.benchmarks.check_gpu RECIPE_JSON --stop-after N`), its second half here.
+The demos and the compile step fine-tune in this process, one after the other. Two steps use child processes of
+this module (`_child_main`): the resume step (`python -m imagenets_hf.benchmarks.check_gpu resume JOB_JSON`, with
+CUBLAS_WORKSPACE_CONFIG set for it alone) and the DDP step's first half, under `accelerate launch`
+(`... check_gpu finetune RECIPE_JSON --stop-after N`); its second half runs here.
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def check_device_path(device: torch.device, sizes: Sizes) -> StepResult:
 @contextlib.contextmanager
 def deterministic_algorithms():
     """torch.use_deterministic_algorithms(True) inside, the previous setting after. CUDA also needs
-    CUBLAS_WORKSPACE_CONFIG before its first cuBLAS call: `run_checks` sets it at its start. (If fine-tuning grows a
+    CUBLAS_WORKSPACE_CONFIG before its first cuBLAS call: `check_resume` sets it for its child. (If fine-tuning grows a
     recipe field for this, use it instead.)"""
     before, warn_only = (
         torch.are_deterministic_algorithms_enabled(),
@@ -222,16 +224,25 @@ def _weights_difference(a: Path, b: Path) -> tuple[int, float]:
     return differing, largest
 
 
+def resume_runs(data_dir: Path, work: Path, overrides: dict[str, Any]) -> None:
+    """The resume step's three fine-tunings, with deterministic algorithms: `max_iters` in one go into
+    work/resume_straight; half of them, stop, resume into work/resume_resumed."""
+    with deterministic_algorithms():
+        _finetune(_demo_recipe(data_dir, work / "resume_straight", overrides))
+        resumed = _demo_recipe(data_dir, work / "resume_resumed", overrides)
+        _finetune(resumed, stop_after=overrides["max_iters"] // 2)
+        _finetune(resumed, resume="latest")
+
+
 def check_resume(data_dir: Path, work: Path, sizes: Sizes, precision: str) -> StepResult:
+    """`resume_runs` in a child process: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts, and this process's
+    other steps (the benchmark's timings and memory) should run with cuBLAS's default workspace."""
     overrides = {**sizes.resume, "mixed_precision": precision}
     total = overrides["max_iters"]
     half = total // 2
-    with deterministic_algorithms():
-        straight = _demo_recipe(data_dir, work / "resume_straight", overrides)
-        _finetune(straight)
-        resumed = _demo_recipe(data_dir, work / "resume_resumed", overrides)
-        _finetune(resumed, stop_after=half)
-        _finetune(resumed, resume="latest")
+    job = json.dumps({"data_dir": str(data_dir), "work": str(work), "overrides": overrides})
+    command = [sys.executable, "-m", "imagenets_hf.benchmarks.check_gpu", "resume", job]
+    _child(command, work / "resume.log", env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
     differing, largest = _weights_difference(work / "resume_straight", work / "resume_resumed")
     details = {"iterations": total, "stopped_at": half, "differing_tensors": differing, "max_abs_diff": largest}
     if differing:
@@ -245,8 +256,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(command: list[str], log_path: Path, timeout: float = 600) -> None:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+def _child(command: list[str], log_path: Path, timeout: float = 600, env: dict[str, str] | None = None) -> None:
+    """Run `command` (output to `log_path`); a non-zero exit fails the step with the output's last line."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     with open(log_path, "w") as log:
         completed = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if completed.returncode:
@@ -267,7 +279,7 @@ def check_ddp_resume(data_dir: Path, work: Path, sizes: Sizes, precision: str, t
     launcher += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     launcher += ["--main_process_port", str(_free_port())]
     launcher += ["--multi_gpu"] if processes > 1 else ["--cpu"] if toy else []
-    child = ["-m", "imagenets_hf.benchmarks.check_gpu", json.dumps(overrides)]
+    child = ["-m", "imagenets_hf.benchmarks.check_gpu", "finetune", json.dumps(overrides)]
     _child([*launcher, *child, "--stop-after", str(half)], work / "ddp_first_half.log")
     _finetune(_demo_recipe(data_dir, out, sizes.resume | {"mixed_precision": precision}), resume="latest")
     results = json.loads((out / "results.json").read_text())
@@ -345,9 +357,6 @@ def run_checks(
     cuda = torch.cuda.is_available()
     toy = (not cuda) if toy is None else toy
     device = torch.device("cuda" if cuda and not toy else "cpu")
-    if device.type == "cuda":
-        # cuBLAS reads it at its first handle: deterministic matmuls for the resume step (see deterministic_algorithms)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     sizes = toy_sizes() if toy else full_sizes()
     data_dir = ensure_mini_dataset(data_dir)
     machine = describe_machine(device)
@@ -429,8 +438,13 @@ def format_check_table(summary: dict[str, Any]) -> list[str]:
 
 
 def _child_main(argv: list[str]) -> None:
-    """One fine-tuning of the demo with the JSON overrides in argv[0] (`--stop-after N`)."""
-    overrides = json.loads(argv[0])
+    """The child processes: `resume JOB_JSON` (`resume_runs`), or `finetune OVERRIDES_JSON --stop-after N` (one
+    fine-tuning of the demo, as `accelerate launch` starts it for the DDP step)."""
+    if argv[0] == "resume":
+        job = json.loads(argv[1])
+        resume_runs(Path(job["data_dir"]), Path(job["work"]), job["overrides"])
+        return
+    overrides = json.loads(argv[1])
     stop_after = int(argv[argv.index("--stop-after") + 1]) if "--stop-after" in argv else None
     from imagenets_hf.training.finetune import finetune
     from imagenets_hf.training.recipes import load_recipe
