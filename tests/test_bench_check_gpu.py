@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,20 @@ def test_unknown_step_is_a_usage_error(capsys):
     err = capsys.readouterr().err.strip()
     assert "error: argument --steps: expected a comma-separated list of demo_fp16" in err and "warp_drive" in err
     assert len(err.splitlines()) == 1
+
+
+def test_ddp_step_is_skipped_saying_so_with_one_gpu(tmp_path, monkeypatch):
+    """At full size with one GPU the DDP step runs nothing and says why; a skip does not fail the check."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = check_gpu.check_ddp_resume(tmp_path, tmp_path, check_gpu.full_sizes(), "fp16", toy=False)
+    assert (result.status, result.summary, result.details) == ("skip", "needs 2 GPUs, 1 here", {"gpus": 1})
+    summary = {"steps": {"ddp_resume_2_to_1": {"status": "skip", "seconds": 0.0, "summary": result.summary}}}
+    lines = check_gpu.format_check_table({**summary, "device": "cuda", "machine": "GPU", "toy": False, "seconds": 1})
+    assert "SKIP" in lines[1] and lines[-1].startswith("all steps passed")
+
+
+def test_a_failing_child_process_fails_its_step_with_its_last_line(tmp_path):
+    command = [sys.executable, "-c", "import sys; print('working'); sys.exit('RuntimeError: no deterministic kernel')"]
+    with pytest.raises(CheckFailed, match=r"^exit status 1 \(child.log\): RuntimeError: no deterministic kernel$"):
+        check_gpu._child(command, tmp_path / "child.log", env={"CHECK_GPU_TEST": "1"})
+    assert (tmp_path / "child.log").read_text().startswith("working")
