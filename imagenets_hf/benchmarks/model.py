@@ -67,10 +67,9 @@ def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class PeakMemory:
     """Peak memory of the steps run inside it. CUDA: `max_memory_allocated` of `device` (everything the process
-    holds there). CPU
-    (no allocator statistics for CPU tensors): `resident_bytes` (weights, optimiser state) plus the rise of the
-    process RSS (`imagenets_hf.runtime.RssPeak`, sampled every 2 ms), with glibc told to mmap large blocks so freed
-    tensors leave the RSS."""
+    holds there). CPU (no allocator statistics for CPU tensors): `resident_bytes` (weights, optimiser state) plus the
+    rise of the process RSS (`imagenets_hf.runtime.RssPeak`, sampled every 2 ms), with glibc told to mmap large blocks
+    so freed tensors leave the RSS."""
 
     def __init__(self, device: torch.device, resident_bytes: int = 0):
         self.device = device
