@@ -117,3 +117,21 @@ def test_a_failing_child_process_fails_its_step_with_its_last_line(tmp_path):
     with pytest.raises(CheckFailed, match=r"^exit status 1 \(child.log\): RuntimeError: no deterministic kernel$"):
         check_gpu._child(command, tmp_path / "child.log", env={"CHECK_GPU_TEST": "1"})
     assert (tmp_path / "child.log").read_text().startswith("working")
+
+
+def test_a_data_dir_that_is_not_the_mini_dataset_is_refused_untouched(tmp_path, monkeypatch, capsys):
+    """`--data-dir` at a real dataset by mistake: one line, exit status 1, nothing deleted (the mini dataset's maker
+    would replace its train-semi and validation folders)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # --cpu-toy sets it; restored after the test
+    (tmp_path / "train-semi" / "n01443537").mkdir(parents=True)
+    (tmp_path / "train-semi" / "n01443537" / "keep.JPEG").write_bytes(b"not ours")
+    spec = importlib.util.spec_from_file_location("check_gpu_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--cpu-toy", "--data-dir", str(tmp_path), "--steps", "device_path"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"error: --data-dir {tmp_path} does not hold the mini dataset: the check trains the demo on "
+        "it; pass a folder that holds it or does not exist yet (it is made there)"
+    )
+    assert (tmp_path / "train-semi" / "n01443537" / "keep.JPEG").read_bytes() == b"not ours"

@@ -345,9 +345,10 @@ def run_checks(
     """Run `steps` (see the module docstring); returns the summary (the script's JSON line): check, ok, toy, device,
     machine, gpus, torch, cuda, seconds, steps {name: {status, seconds, summary, ...figures}}.
 
-    `toy` None: toy sizes on the CPU when CUDA is not available. `data_dir`: the mini dataset (made when absent).
+    `toy` None: toy sizes on the CPU when CUDA is not available. `data_dir`: the mini dataset (made when the folder
+    does not exist; a folder holding anything else is refused).
     `work_dir`: where the runs write (default a temporary folder, removed at the end)."""
-    from imagenets_hf.data.mini import ensure_mini_dataset
+    from imagenets_hf.data.mini import is_mini_dataset_complete, make_mini_dataset
     from imagenets_hf.runtime import describe_machine
 
     log = log or (lambda line: None)
@@ -358,7 +359,14 @@ def run_checks(
     toy = (not cuda) if toy is None else toy
     device = torch.device("cuda" if cuda and not toy else "cpu")
     sizes = toy_sizes() if toy else full_sizes()
-    data_dir = ensure_mini_dataset(data_dir)
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        make_mini_dataset(data_dir)
+    elif not is_mini_dataset_complete(data_dir):  # never rewrite a folder that is not ours (a real dataset, say)
+        raise ValueError(
+            f"--data-dir {data_dir} does not hold the mini dataset: the check trains the demo on it; pass a folder "
+            "that holds it or does not exist yet (it is made there)"
+        )
     machine = describe_machine(device)
     log(f"check_gpu on {device} ({machine}){': toy sizes, no CUDA here' if toy and not cuda else ''}")
     if toy:
