@@ -3,7 +3,7 @@
 peer and mmsegmentation's steps in OpenCV, on the same realistic images (500x375 / 375x500 JPEGs with masks).
 
 Prints a table, then one JSON line. On a machine with a GPU it also measures the device path on CUDA. The logic
-lives in `imagenets_hf.training.benchmark_data`.
+lives in `imagenets_hf.benchmarks.data`.
 
     python scripts/bench_data.py --images 64
 """
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=cli.positive_int, default=3, help="timed passes per contender; the best counts"
     )
     args = parser.parse_args(argv)
-    from imagenets_hf.training.benchmark_data import format_data_table, run_data_benchmark
+    from imagenets_hf.benchmarks.data import format_data_table, run_data_benchmark
 
     result = run_data_benchmark(args.images, args.crop_size, args.batch_size, args.repeats, args.device_batch_size)
     for line in format_data_table(result):

@@ -16,7 +16,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
-from imagenets_hf.evaluation.benchmark import run_metric_benchmark  # noqa: E402
+from imagenets_hf.benchmarks.metric import run_metric_benchmark  # noqa: E402
 
 
 @cli.entry_point

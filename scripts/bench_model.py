@@ -5,7 +5,7 @@ For each encoder (ViT-S/16 and ViT-B/16 at 224 by default) it measures, in the s
 forward throughput (eval, no grad), training-step throughput (forward + loss + backward + AdamW step), peak memory,
 and the fraction of the machine's matmul peak (measured here with a large matmul) that the training step reaches
 (model FLOPs counted with torch.utils.flop_counter). On CUDA it runs under fp16/bf16 autocast. The last line printed
-is one JSON object. The logic lives in `imagenets_hf.model.benchmark`.
+is one JSON object. The logic lives in `imagenets_hf.benchmarks.model`.
 
     python scripts/bench_model.py                          # CPU-friendly defaults: batch 4, 3 iterations
     python scripts/bench_model.py --device cuda --batch-size 32 --iters 20 --dtype bfloat16
@@ -19,7 +19,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
-from imagenets_hf.model.benchmark import DEFAULT_MODELS, run_model_benchmark  # noqa: E402
+from imagenets_hf.benchmarks.model import DEFAULT_MODELS, run_model_benchmark  # noqa: E402
 from imagenets_hf.runtime import DTYPE_NAMES  # noqa: E402
 
 

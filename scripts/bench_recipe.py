@@ -6,7 +6,7 @@ init) it runs the recipe's training step (batch 32 per device, the recipe's prec
 CUDA, float32 on a CPU where accelerate has no fp16) for a few iterations and reports training samples/s, MFU,
 peak training memory, evaluation fps by the official protocol (one image at a time, short side 256), the data path's
 samples/s per DataLoader worker and the projected wall time of the full recipe. A table, then one JSON line. The logic
-lives in `imagenets_hf.training.benchmark_recipe`.
+lives in `imagenets_hf.benchmarks.recipe`.
 
     python scripts/bench_recipe.py                                 # on a GPU: the four recipes, batch 32
     python scripts/bench_recipe.py --toy --device cpu --iters 2    # CPU / CI: a tiny encoder, batch 2
@@ -22,7 +22,7 @@ import yaml
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
-from imagenets_hf.training.benchmark_recipe import (  # noqa: E402
+from imagenets_hf.benchmarks.recipe import (  # noqa: E402
     PUBLISHED_RECIPES,
     format_recipe_table,
     run_recipe_benchmark,

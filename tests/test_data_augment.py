@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from imagenets_hf.benchmarks.data import realistic_samples
 from imagenets_hf.data.augment import (
     MAX_ID,
     AugmentConfig,
@@ -33,7 +34,6 @@ from imagenets_hf.data.augment_device import (
     rgb_to_hsv_8bit,
 )
 from imagenets_hf.data.masks import IGNORE_INDEX, ids_to_annotation
-from imagenets_hf.training.benchmark_data import realistic_samples
 from imagenets_hf.training.data import DeviceBatchStream, build_train_dataloader, decode_store
 
 NO_PHOTOMETRIC = AugmentConfig(photometric_distortion=False)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from imagenets_hf.benchmarks.data import realistic_samples
 from imagenets_hf.data.augment import AugmentConfig, augment_encoded_samples, decode_annotation
 from imagenets_hf.data.masks import IGNORE_INDEX, ids_to_annotation
 from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
-from imagenets_hf.training.benchmark_data import realistic_samples
 from imagenets_hf.training.data import AugmentedSegmentationDataset, build_train_dataloader, pack_train_masks
 
 

@@ -1,4 +1,4 @@
-"""The model benchmark's two contenders (`imagenets_hf.model.benchmark`) compute the same thing at any input size the
+"""The model benchmark's two contenders (`imagenets_hf.benchmarks.model`) compute the same thing at any input size the
 patch divides, so their speeds compare like with like."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imagenets_hf.model.benchmark import bench_encoder
+from imagenets_hf.benchmarks.model import bench_encoder
 
 
 def bench_vit_small(image_size: int) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagenets_hf.training.benchmark_recipe import (
+from imagenets_hf.benchmarks.recipe import (
     Precision,
     make_train_step,
     measure_data_path,

@@ -10,7 +10,7 @@ training samples/s on device-resident batches, MFU (FLOPs from torch.utils.flop_
 in the same dtype), peak training memory, evaluation fps by the official protocol (one image at a time, short side
 `eval_short_side`, through `predict_segmentation_tensors`, uncompiled and in the dtype `evaluate_model` uses, as
 `finetune` evaluates), the data path's samples/s per DataLoader worker (`measure_data_path`) and the projected wall
-time of the full recipe. The measuring tools (matmul peak, FLOP counter, memory) are `imagenets_hf.model.benchmark`'s.
+time of the full recipe. The measuring tools (matmul peak, FLOP counter, memory) are `imagenets_hf.benchmarks.model`'s.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ import timm
 import torch
 from PIL import Image
 
-from imagenets_hf.data.augment import AugmentConfig
-from imagenets_hf.data.masks import IGNORE_INDEX
-from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.evaluation.inference import predict_segmentation_tensors
-from imagenets_hf.model.benchmark import (
+from imagenets_hf.benchmarks.data import measure_device_path, realistic_samples
+from imagenets_hf.benchmarks.model import (
     PeakMemory,
     count_flops,
     measure_matmul_peak,
@@ -41,8 +38,11 @@ from imagenets_hf.model.benchmark import (
     synchronize,
     tensor_bytes,
 )
+from imagenets_hf.data.augment import AugmentConfig
+from imagenets_hf.data.masks import IGNORE_INDEX
+from imagenets_hf.data.transforms import train_augmentation_from_recipe
+from imagenets_hf.evaluation.inference import predict_segmentation_tensors
 from imagenets_hf.runtime import describe_machine
-from imagenets_hf.training.benchmark_data import measure_device_path, realistic_samples
 from imagenets_hf.training.data import AugmentedSegmentationDataset, pack_train_masks
 from imagenets_hf.training.finetune import build_image_processor, build_model
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
@@ -138,13 +138,15 @@ def make_train_step(
     return step
 
 
-def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0) -> dict[str, float]:
+def measure_data_path(
+    recipe: Recipe, num_images: int = 8, passes: int = 2, seed: int = 0, device: str | torch.device = "auto"
+) -> dict[str, float]:
     """Samples/s of the recipe's training data paths on `num_images` realistic 500x375 / 375x500 images
-    (`benchmark_data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
+    (`benchmarks.data.realistic_samples`), best of `passes` timed passes after an untimed one, one thread:
     `worker_samples_per_s` (one DataLoader worker: decode + `AugmentedSegmentationDataset`, a batch at a time, the
     masks packed once first as training does) and,
     for the published pipeline, `device_samples_per_s` (the device path on the device that trains, store decoded
-    once; CPU here, CUDA where the benchmark runs on a GPU - see `device_device`)."""
+    once, on `device`: the one the recipe is benchmarked on)."""
     rows = realistic_samples(num_images, recipe.num_labels or 920, seed=seed)
     augmentation = train_augmentation_from_recipe(recipe)
     masks = pack_train_masks(rows) if isinstance(augmentation, AugmentConfig) else None  # as training does
@@ -162,7 +164,7 @@ def measure_data_path(recipe: Recipe, num_images: int = 8, passes: int = 2, seed
             best = min(best, time.perf_counter() - started)
         rates = {"worker_samples_per_s": num_images / best}
         if recipe.pipeline == "mmseg":
-            device = resolve_device()
+            device = resolve_device(device)
             config = AugmentConfig.from_recipe(recipe)
             rates["device_samples_per_s"] = measure_device_path(config, rows, device, len(rows), passes)
     finally:
@@ -405,7 +407,7 @@ def run_recipe_benchmark(
         # the machine may be shared: measure the peak next to each recipe and keep the best seen
         dtype = precision.compute_dtype
         peaks[dtype] = max(peaks.get(dtype, 0.0), measure_matmul_peak(torch_device, dtype, matmul_size))
-        data_rates = measure_data_path(recipe, num_images=data_images)
+        data_rates = measure_data_path(recipe, num_images=data_images, device=torch_device)
         row = bench_recipe(
             recipe,
             device=torch_device,

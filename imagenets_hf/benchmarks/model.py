@@ -5,7 +5,7 @@ Per encoder: forward throughput (eval, no grad), training-step throughput (forwa
 memory, and the fraction of the machine's matmul peak (measured here with a large matmul) that each reaches (model
 FLOPs counted with torch.utils.flop_counter). On CUDA it runs under fp16/bf16 autocast.
 
-Not imported by the model package: the modeling/config/processor files are copied for trust_remote_code loading.
+The measuring tools (matmul peak, FLOP counter, peak memory) are shared with `recipe.py`.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class PeakMemory:
-    """Peak memory of the steps run inside it. CUDA: `max_memory_allocated` (everything the process holds). CPU
-    (no allocator statistics for CPU tensors): `resident_bytes` (weights, optimiser state) plus the rise of the
-    process RSS (`imagenets_hf.runtime.RssPeak`, sampled every 2 ms), with glibc told to mmap large blocks so freed
-    tensors leave the RSS."""
+    """Peak memory of the steps run inside it. CUDA: `max_memory_allocated` of `device` (everything the process
+    holds there). CPU (no allocator statistics for CPU tensors): `resident_bytes` (weights, optimiser state) plus the
+    rise of the process RSS (`imagenets_hf.runtime.RssPeak`, sampled every 2 ms), with glibc told to mmap large blocks
+    so freed tensors leave the RSS."""
 
     def __init__(self, device: torch.device, resident_bytes: int = 0):
         self.device = device
@@ -79,8 +79,9 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            # the benchmarked device (`cuda:1`), not the current one: every torch.cuda call here takes it
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
             set_mmap_threshold(128 * 1024)
             release_free_heap()  # memory freed by earlier steps would otherwise be reused unseen by the RSS
@@ -89,8 +90,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self._rss.__exit__(*exc)
             self.peak_bytes = self.resident_bytes + self._rss.growth_bytes
@@ -120,9 +121,9 @@ def tensor_bytes(tensors) -> int:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock timings are complete; no-op on CPU."""
+    """Wait for `device`'s queued CUDA work so wall-clock timings are complete; no-op on CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
