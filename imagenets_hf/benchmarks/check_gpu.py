@@ -18,13 +18,12 @@ bar), so that CI runs the same code (`tests/test_bench_check_gpu.py`).
 
 The demos and the compile step fine-tune in this process, one after the other. Two steps use child processes of
 this module (`_child_main`): the resume step (`python -m imagenets_hf.benchmarks.check_gpu resume JOB_JSON`, with
-CUBLAS_WORKSPACE_CONFIG set for it alone) and the DDP step's first half, under `accelerate launch`
+CUBLAS_WORKSPACE_CONFIG set for it alone, the recipe's `deterministic: true`) and the DDP step's first half, under `accelerate launch`
 (`... check_gpu finetune RECIPE_JSON --stop-after N`); its second half runs here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -193,22 +192,6 @@ def check_device_path(device: torch.device, sizes: Sizes) -> StepResult:
     return StepResult("", "pass", summary=summary + f" (< {GREY_LEVEL_BOUND})", details=details)
 
 
-@contextlib.contextmanager
-def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True) inside, the previous setting after. CUDA also needs
-    CUBLAS_WORKSPACE_CONFIG before its first cuBLAS call: `check_resume` sets it for its child. (If fine-tuning grows a
-    recipe field for this, use it instead.)"""
-    before, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
-
-
 def _weights_difference(a: Path, b: Path) -> tuple[int, float]:
     """(number of tensors that differ, largest absolute difference) between two saved models."""
     from safetensors.torch import load_file
@@ -225,13 +208,14 @@ def _weights_difference(a: Path, b: Path) -> tuple[int, float]:
 
 
 def resume_runs(data_dir: Path, work: Path, overrides: dict[str, Any]) -> None:
-    """The resume step's three fine-tunings, with deterministic algorithms: `max_iters` in one go into
-    work/resume_straight; half of them, stop, resume into work/resume_resumed."""
-    with deterministic_algorithms():
-        _finetune(_demo_recipe(data_dir, work / "resume_straight", overrides))
-        resumed = _demo_recipe(data_dir, work / "resume_resumed", overrides)
-        _finetune(resumed, stop_after=overrides["max_iters"] // 2)
-        _finetune(resumed, resume="latest")
+    """The resume step's three fine-tunings, with the recipe's deterministic algorithms on (CUDA's default backward
+    kernels are not bit-reproducible): `max_iters` in one go into work/resume_straight; half of them, stop, resume into
+    work/resume_resumed."""
+    overrides = {**overrides, "deterministic": True}
+    _finetune(_demo_recipe(data_dir, work / "resume_straight", overrides))
+    resumed = _demo_recipe(data_dir, work / "resume_resumed", overrides)
+    _finetune(resumed, stop_after=overrides["max_iters"] // 2)
+    _finetune(resumed, resume="latest")
 
 
 def check_resume(data_dir: Path, work: Path, sizes: Sizes, precision: str) -> StepResult:
