@@ -17,9 +17,9 @@ Without CUDA (or with `toy=True`) every step runs at toy sizes on the CPU (a 2-b
 bar), so that CI runs the same code (`tests/test_bench_check_gpu.py`).
 
 The demos and the compile step fine-tune in this process, one after the other. Two steps use child processes of
-this module (`_child_main`): the resume step (`python -m imagenets_hf.benchmarks.check_gpu resume JOB_JSON`, with
-CUBLAS_WORKSPACE_CONFIG set for it alone, the recipe's `deterministic: true`) and the DDP step's first half, under `accelerate launch`
-(`... check_gpu finetune RECIPE_JSON --stop-after N`); its second half runs here.
+this module (`_child_main`): the resume step (`python -m imagenets_hf.benchmarks.check_gpu resume JOB_JSON`, the
+recipe's `deterministic: true`, with CUBLAS_WORKSPACE_CONFIG set for it alone) and the DDP step's first half, under
+`accelerate launch` (`... check_gpu finetune RECIPE_JSON --stop-after N`); its second half runs here.
 """
 
 from __future__ import annotations
