@@ -58,6 +58,15 @@ EXAMPLES_PER_SHARD = 1000
 _VERSION = datasets.Version("1.0.0")
 
 
+def split_name(name: str) -> str:
+    """The split called `name`: "train_semi", "validation", "test" or "train"; the folder's spelling ("train-semi")
+    is taken too (the scripts document the underscore one)."""
+    split = name.replace("-", "_")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -338,10 +347,7 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
             kwargs["synset_words"] = os.fspath(Path(kwargs["synset_words"]).resolve())
         splits = kwargs.get("splits")
         if splits is not None:
-            unknown = [split for split in splits if split not in SPLITS]
-            if unknown:
-                raise ValueError(f"unknown split(s) {unknown}; expected some of {list(SPLITS)}")
-            kwargs["splits"] = tuple(splits)
+            kwargs["splits"] = tuple(split_name(split) for split in splits)
         if kwargs.get("fingerprint") is None:
             kwargs["fingerprint"] = folder_fingerprint(
                 data_dir, splits or _default_splits(data_dir), kwargs.get("synset_words")
@@ -449,8 +455,7 @@ def load_imagenets(
         skip_bad: skip bad files (corrupt images or masks, unpaired files, wrong mask size or ids) with a warning
             that counts and lists them, instead of raising.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    split = split_name(split)
     if streaming is None:
         streaming = split == "train"
     kwargs = {}

@@ -233,20 +233,22 @@ def write_prediction_grid(
     Args:
         model_name_or_path: a saved model folder (what finetune.py or convert_checkpoint.py wrote) or Hub id.
         data_dir: a prepared ImageNet-S folder (official layout: `<split>/` and `<split>-segmentation/`).
-        split: "validation" or "train-semi" (the folders with masks), or "test" (no ground truth).
+        split: "validation" or "train_semi" (the splits with masks), or "test" (no ground truth); "train-semi" too.
         device: where the model runs (default: the first GPU when there is one, else the CPU).
         title: a line above the grid (default: "<model folder name> on <data folder name>/<split>").
     """
     import torch
     from transformers.utils import logging as transformers_logging
 
+    from imagenets_hf.data.imagenets import SPLIT_FOLDERS, split_name
     from imagenets_hf.evaluation.inference import predict_segmentation
     from imagenets_hf.evaluation.predict import default_masks_dir, list_images, prediction_path
     from imagenets_hf.evaluation.run import load_model_and_processor
 
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    images_dir = Path(data_dir) / split
+    split = split_name(split)
+    images_dir = Path(data_dir) / SPLIT_FOLDERS[split][0]
     relative_paths = list_images(images_dir)  # says which folder when it is missing or empty
     chosen = [relative_paths[i] for i in spread_indices(len(relative_paths), num_images)]
     masks_dir = default_masks_dir(images_dir)

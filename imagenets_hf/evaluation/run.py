@@ -167,10 +167,13 @@ def run_prediction(
     dtype: str | None = None,
     num_workers: int = 2,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
-    `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip."""
-    from imagenets_hf.evaluation.predict import list_images, predict_folder
+    `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip. Files that are not images (by
+    extension) are counted and named; an unreadable image raises, or with `skip_bad` is skipped and listed (also in
+    `<out_dir>/skipped_images.txt`)."""
+    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, list_images, predict_folder, scan_image_folder
 
     # The inputs first: a wrong folder or file is said before anything heavy is imported, loaded or predicted.
     list_images(images_dir)
@@ -184,10 +187,13 @@ def run_prediction(
     from imagenets_hf.runtime import accelerator_available
 
     accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
+    others = scan_image_folder(images_dir)[1]
+    if others and accelerator.is_main_process:
+        print(f"note: left out {_counted_list(others, 'file')} of {images_dir}: not images by their extension")
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     if overlay and overlay_dir is None:
         overlay_dir = Path(out_dir).with_name(Path(out_dir).name + "_overlays")
-    written = predict_folder(
+    done = predict_folder(
         model,
         processor,
         images_dir,
@@ -200,11 +206,20 @@ def run_prediction(
         progress=progress,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        skip_bad=skip_bad,
     )
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {"predictions": len(written), "out_dir": os.fspath(out_dir)}
+    skipped = [line for lines in _gather_lists(accelerator, done.skipped) for line in lines]
+    result: dict[str, Any] = {"predictions": len(done.written), "out_dir": os.fspath(out_dir), "skipped": skipped}
     if accelerator.is_main_process:
-        print(f"{len(written)} predictions written to {out_dir} (this process)")
+        print(f"{len(done.written)} predictions written to {out_dir} (this process)")
+        if skipped:
+            skipped_file = Path(out_dir) / SKIPPED_FILE_NAME
+            skipped_file.parent.mkdir(parents=True, exist_ok=True)
+            skipped_file.write_text("".join(f"{line}\n" for line in sorted(skipped)), encoding="utf-8")
+            print(f"skipped {len(skipped)} unreadable image(s) (listed in {skipped_file}):")
+            for line in sorted(skipped):
+                print(f"  {line}")
         if overlay:
             print(f"overlays written to {overlay_dir}")
             result["overlay_dir"] = os.fspath(overlay_dir)
@@ -213,3 +228,18 @@ def run_prediction(
             print(f"submission written to {zip_path}")
             result["submission"] = os.fspath(zip_path)
     return result
+
+
+def _counted_list(paths: list[str], noun: str, shown: int = 10) -> str:
+    """ "3 files (a.txt, b.json, c)", the first `shown` named."""
+    names = ", ".join(paths[:shown]) + (f", ... and {len(paths) - shown} more" if len(paths) > shown else "")
+    return f"{len(paths)} {noun}{'s' if len(paths) != 1 else ''} ({names})"
+
+
+def _gather_lists(accelerator, items: list[str]) -> list[list[str]]:
+    """Every process's list (one process: just this one's)."""
+    if accelerator.num_processes == 1:
+        return [items]
+    from accelerate.utils import gather_object
+
+    return gather_object([items])
