@@ -162,7 +162,7 @@ def test_evaluate_and_predict_errors(data_dir, tmp_path, monkeypatch, capsys):
         1,
         [
             "evaluate.py: error: not-a-model: not a saved model folder (no config.json); give the folder that "
-            "finetune.py or convert_checkpoint.py wrote"
+            "finetune.py or convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
         ],
     )
     from imagenets_hf.model.convert import looks_like_hub_repo_id

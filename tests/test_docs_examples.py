@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_LANGUAGES = {"bash": "bash", "sh": "bash", "python": "python"}
 MAIN_JOB = "python scripts/finetune.py"
-DEMO_LEARNS_BAR = 45.0  # mIoU; chance on 11 classes is about 9, "other" everywhere 7.5; the demo scores about 72
+DEMO_LEARNS_BAR = 45.0  # mIoU; chance on 11 classes is about 9, "other" everywhere 6.57; the demo scores about 72
 BLOCK_TIMEOUT_S = 900
 LANES = 2  # documents run at the same time (the CI machine has 2 cores)
 

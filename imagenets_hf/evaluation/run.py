@@ -11,13 +11,25 @@ from typing import Any
 import torch
 
 
-def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torch.device | str | None = None):
+def load_model_and_processor(
+    model_name_or_path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    names: list[str] | None = None,
+):
     """A saved `ViTFCNForSemanticSegmentation` (folder or Hub id) in float32 and its image processor (the default
-    evaluation processor, with a warning, when none was saved)."""
+    evaluation processor, with a warning, when none was saved). A training checkpoint folder
+    (`<run>/checkpoints/checkpoint_<N>`) gives its model as the run's recipe builds it (see `load_checkpoint_model`;
+    `names` are its class names, by default those of the run's data folder)."""
     from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
+    from imagenets_hf.training.checkpoints import is_checkpoint_folder, load_checkpoint_model
 
     name = os.fspath(model_name_or_path)
     check_model_location(name)
+    if is_checkpoint_folder(name):
+        model, processor = load_checkpoint_model(name, names)
+        if device is not None:
+            model.to(device)
+        return model.eval(), processor
     try:
         model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
     except OSError as err:  # transformers' message does not say which model it was loading
@@ -36,13 +48,14 @@ def check_model_location(name: str) -> None:
     """Refuse a model that is neither a saved model folder nor an `owner/name` Hub id before transformers looks it
     up on the Hub (a mistyped local folder would otherwise end in a network error)."""
     from imagenets_hf.model.convert import looks_like_hub_repo_id
+    from imagenets_hf.training.checkpoints import is_checkpoint_folder
 
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_checkpoint_folder(path):
             raise FileNotFoundError(
                 f"{name}: not a saved model folder (no config.json); give the folder that finetune.py or "
-                "convert_checkpoint.py wrote"
+                "convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
             )
     elif path.exists():
         raise NotADirectoryError(
@@ -118,7 +131,7 @@ def run_evaluation(
     from imagenets_hf.runtime import accelerator_available
 
     accelerator = Accelerator(cpu=not accelerator_available())  # several CPU processes need cpu=True
-    model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
+    model, processor = load_model_and_processor(model_name_or_path, accelerator.device, names=names)
     with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
         dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
     if len(names) != model.config.num_labels:
