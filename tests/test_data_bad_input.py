@@ -152,6 +152,12 @@ def test_empty_split(root):
         _load(root, "test")
 
 
+def test_split_names_in_either_spelling(root):
+    assert len(_load(root, "train-semi")) == len(_load(root, "train_semi")) == 6
+    with pytest.raises(ValueError, match="unknown split 'val'; expected one of train_semi, validation, test, train"):
+        _load(root, "val")
+
+
 def test_missing_split(root):
     import shutil
 

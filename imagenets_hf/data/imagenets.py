@@ -359,7 +359,7 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
             kwargs["synset_words"] = os.fspath(Path(kwargs["synset_words"]).resolve())
         splits = kwargs.get("splits")
         if splits is not None:
-            kwargs["splits"] = tuple(split_name(split) for split in splits)
+            splits = kwargs["splits"] = tuple(split_name(split) for split in splits)
         if kwargs.get("fingerprint") is None:
             kwargs["fingerprint"] = folder_fingerprint(
                 data_dir, splits or _default_splits(data_dir), kwargs.get("synset_words")
