@@ -19,8 +19,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from imagenets_hf.model.modeling_vit_fcn import weights_mode_as_umask
-
 MANIFEST_FILE_NAME = "checkpoint.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the model's weights in what accelerate's save_state writes
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -184,6 +182,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ite
     accelerator.save_state(str(staging))  # every process writes its own RNG state; the main one the rest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from imagenets_hf.model.modeling_vit_fcn import weights_mode_as_umask
+
         weights_mode_as_umask(staging)
         files = _fsync_tree(staging)
         manifest = {"iteration": iteration, "files": files}
