@@ -4,6 +4,7 @@ built as the run's recipe.yaml says and loaded from accelerate's model.safetenso
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def test_checkpoint_loads_the_weights_it_holds(run_dir):
     assert last_model.config.id2label == final_model.config.id2label and not last_model.training
     saved = {key: value for key, value in final_processor.to_dict().items() if key != "auto_map"}  # remote-code map
     assert last_processor.to_dict() == saved
+
+
+def test_run_files_all_get_the_umasks_mode(run_dir):
+    """accelerate's model.safetensors came out 0600 (safetensors writes through a private temporary file)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for folder in (run_dir, run_dir / "checkpoints" / "checkpoint_4"):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_evaluate_script_on_a_checkpoint(run_dir, mini_dir, tmp_path, monkeypatch, capsys):
