@@ -1,7 +1,8 @@
 """What every script in scripts/ promises its user: a mistake ends in one line and a non-zero exit status.
 
 - A usage error (argparse, or a script's own check of its arguments through `parser.error`) exits 2 with
-  `<script>: error: <what> (see --help)`, without argparse's usage dump.
+  `<script>: error: <what> (see --help)`, without argparse's usage dump; an unknown option close to a known one
+  (`--max_iters`, `--lr-rate`) gets "did you mean".
 - A runtime error exits 1 with `<script>: error: <message>` on stderr, without a traceback.
 - Ctrl-C exits 130 with `<script>: <message>` when the KeyboardInterrupt carries one (the training loop's names the
   iteration reached, the last complete checkpoint and the command that resumes), `<script>: interrupted` otherwise.
@@ -12,7 +13,8 @@ Which exceptions are user errors: ValueError (bad values and bad file contents: 
 `RunFolderError`, `ListFileError`, ...), OSError (`FileNotFoundError`, `FileExistsError`, `PermissionError`,
 network errors), FloatingPointError (`NonFiniteLossError`) and ImportError (a missing optional dependency, such as
 matplotlib for a chart). The library raises these at the source with a message that names the input and the way
-out, so the message is printed as it is. Anything else is a bug or something unforeseen: it is one line too, with
+out, so the message is printed as it is. A torchvision built for another torch (`operator torchvision::nms does not exist`
+when it is first imported) is named as such in one line. Anything else is a bug or something unforeseen: it is one line too, with
 the exception's type and a pointer to --debug.
 
 A message is one line. The library's only multi-line messages list the files concerned under their first line,
@@ -40,6 +42,7 @@ Scripts use it like this:
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import re
@@ -74,6 +77,32 @@ class ArgumentParser(argparse.ArgumentParser):
         self._argv = list(sys.argv[1:] if args is None else args)  # for --debug in `error`
         return super().parse_known_args(args, namespace)
 
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestions(unknown)}")
+        return namespace
+
+    def _suggestions(self, unknown: list[str]) -> str:
+        """The "; did you mean --max-iters?" tail for unknown options close to known ones (Python 3.11's argparse
+        suggests nothing); an underscore counts as a hyphen."""
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        options = [argument.split("=", 1)[0] for argument in unknown if argument.startswith("--") and argument != "--"]
+        hints = []
+        for option in options:
+            spelled = option.replace("_", "-")
+            # a known option with a word added (--lr-rate: --lr) before one spelled alike (--drop-path-rate)
+            extended = [known_option for known_option in known if spelled.startswith(known_option + "-")]
+            if spelled in known:
+                close = spelled
+            elif extended:
+                close = max(extended, key=len)
+            else:
+                close = next(iter(difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)), None)
+            if close is not None:
+                hints.append(f"{option} -> {close}" if len(options) > 1 else close)
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+
     def error(self, message: str) -> NoReturn:
         handled = sys.exc_info()[1]  # a library error a script turned into a usage error (e.g. a bad recipe value)
         if handled is not None and not isinstance(handled, argparse.ArgumentError):
@@ -100,6 +129,24 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {value}")
     return value
+
+
+def split_choice(*choices: str) -> Callable[[str], str]:
+    """argparse type: a split name among `choices` ("train_semi", "validation", ...), also taken in its folder's
+    spelling with hyphens ("train-semi"); the value is the split name with underscores."""
+
+    def split(text: str) -> str:
+        from imagenets_hf.data.imagenets import split_name  # the one rule for split names
+
+        try:
+            name = split_name(text)
+        except ValueError:
+            name = None
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"unknown split {text!r}; expected one of {', '.join(choices)}")
+        return name
+
+    return split
 
 
 def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
@@ -136,6 +183,9 @@ def debug_requested(argv: Sequence[str]) -> bool:
 
 def error_lines(error: BaseException | str) -> list[str]:
     """The error line (first) and any listed lines below it; see the module docstring."""
+    mismatch = None if isinstance(error, str) else torch_mismatch(error)
+    if mismatch is not None:
+        return [mismatch]
     message = error if isinstance(error, str) else _message(error)
     first, *rest = message.strip().splitlines() or [""]
     lines = [first.strip()]
@@ -147,6 +197,33 @@ def error_lines(error: BaseException | str) -> list[str]:
     if not isinstance(error, (str, *USER_ERRORS)):
         lines[0] = f"{type(error).__name__}: {lines[0]} (unexpected error; rerun with {DEBUG_FLAG} for the traceback)"
     return lines
+
+
+# What importing a torchvision built for another torch raises (a CPU torch with a CUDA torchvision, say).
+_TORCHVISION_OPERATOR_MISSING = re.compile(r"operator torchvision::\w+ does not exist")
+
+
+def torch_mismatch(error: BaseException) -> str | None:
+    """One line naming the torch and torchvision builds when `error` (or what caused it: transformers and timm wrap
+    import errors) is torchvision failing to load its operators into this torch; None otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _TORCHVISION_OPERATOR_MISSING.search(str(error)):
+            try:
+                torch_version, torchvision_version = version("torch"), version("torchvision")
+            except PackageNotFoundError:
+                torch_version = torchvision_version = "?"
+            return (
+                f"torch {torch_version} and torchvision {torchvision_version} do not match "
+                f"({_TORCHVISION_OPERATOR_MISSING.search(str(error)).group(0)}): install matching builds from the same "
+                "index, e.g. pip install --force-reinstall torch torchvision --index-url "
+                "https://download.pytorch.org/whl/cpu (or the CUDA index your torch came from)"
+            )
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _message(error: BaseException) -> str:

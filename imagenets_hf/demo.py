@@ -64,7 +64,7 @@ def class_areas(prediction: np.ndarray, id2label: Mapping[Any, str] | None = Non
 
     values, counts = np.unique(np.asarray(prediction, dtype=np.int64), return_counts=True)
     total = int(counts.sum()) or 1
-    palette = label_palette()
+    palette = label_palette(id2label=id2label)
     areas = [
         ClassArea(
             class_id=int(value),
@@ -110,11 +110,18 @@ def legend_html(areas: Sequence[ClassArea], max_rows: int = MAX_LEGEND_ROWS) -> 
     )
 
 
-def overlay_image(image: Image.Image, prediction: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> Image.Image:
-    """The class colours over the image (the overlays' blend), brought to long side `max_side` at most for display."""
-    from imagenets_hf.evaluation.overlays import blend
+def overlay_image(
+    image: Image.Image,
+    prediction: np.ndarray,
+    max_side: int = DISPLAY_MAX_SIDE,
+    id2label: Mapping[Any, str] | None = None,
+) -> Image.Image:
+    """The class colours over the image (the overlays' blend and colours), brought to long side `max_side` at most for
+    display."""
+    from imagenets_hf.evaluation.overlays import blend, label_palette
 
-    overlay = Image.fromarray(blend(np.asarray(image.convert("RGB")), prediction).round().astype(np.uint8))
+    rgb = np.asarray(image.convert("RGB"))
+    overlay = Image.fromarray(blend(rgb, prediction, palette=label_palette(id2label=id2label)).round().astype(np.uint8))
     scale = max_side / max(overlay.size)
     if scale < 1:
         overlay = overlay.resize(
@@ -144,6 +151,16 @@ def find_examples(
 
     relative = list_images(root)  # FileNotFoundError naming the folder when it holds no image
     return [str((root / relative[i]).resolve()) for i in spread_indices(len(relative), count)]
+
+
+class UnreadableImageError(ValueError):
+    """A file that is not an image PIL can read; the message names the file by its own name only (an upload lies in
+    a temporary folder whose path means nothing to the user)."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException, name: str | None = None) -> None:
+        name = name or Path(path).name
+        detail = str(error).replace(os.fspath(path), name)  # PIL's message holds the path it was given
+        super().__init__(f"{name}: cannot read this file as an image ({type(error).__name__}: {detail})")
 
 
 @dataclass
@@ -204,7 +221,7 @@ class Segmenter:
                 with Image.open(path) as opened:
                     image = opened.convert("RGB")
             except Exception as err:  # PIL raises several types for files it cannot read
-                raise ValueError(f"{path.name}: cannot read this file as an image ({err})") from err
+                raise UnreadableImageError(path, err) from err
         from imagenets_hf.data.masks import encode_mask
 
         image = image.convert("RGB")
@@ -213,7 +230,8 @@ class Segmenter:
         out_dir = Path(tempfile.mkdtemp(dir=self.work_dir))
         mask_path = out_dir / f"{name or 'image'}_ids.png"
         encode_mask(prediction).save(mask_path)
-        return DemoResult(prediction, overlay_image(image, prediction), areas, legend_html(areas), mask_path)
+        overlay = overlay_image(image, prediction, id2label=self.id2label)
+        return DemoResult(prediction, overlay, areas, legend_html(areas), mask_path)
 
 
 def _description(segmenter: Segmenter, examples: Sequence[str]) -> str:
@@ -235,13 +253,16 @@ def build_app(segmenter: Segmenter, examples: Sequence[str] = ()):
         os.environ[key] = value
     import gradio as gr
 
-    def run(image_path: str | None):
-        if not image_path:
+    def run(image: str | UnreadableImageError | None):
+        if not image:
             return None, "", None
         try:
-            result = segmenter.segment(image_path)
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+            if isinstance(image, UnreadableImageError):
+                raise image
+            result = segmenter.segment(image)
+        except UnreadableImageError as err:
+            gr.Warning(str(err))  # one line, in a toast; the legend keeps it
+            return None, f'<p class="demo-error">{html.escape(str(err))}</p>', None
         return result.overlay, result.legend, str(result.mask_path)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
@@ -254,13 +275,9 @@ def build_app(segmenter: Segmenter, examples: Sequence[str] = ()):
                     sources=["upload", "clipboard"],
                     elem_id="input-image",
                 )
-                if examples:
-                    gr.Examples(
-                        examples=[[path] for path in examples],
-                        inputs=[image],
-                        label="Examples",
-                        example_labels=[Path(path).name for path in examples],
-                    )
+                _pass_unreadable_uploads_on(image)
+                if examples:  # shown as thumbnails (no example_labels, which turn them into file-name buttons)
+                    gr.Examples(examples=[[path] for path in examples], inputs=[image], label="Examples")
             with gr.Column():
                 overlay = gr.Image(
                     type="pil",
@@ -274,6 +291,22 @@ def build_app(segmenter: Segmenter, examples: Sequence[str] = ()):
                 mask_file = gr.File(label="Class-id mask (ImageNet-S encoding)", interactive=False, elem_id="mask-file")
         image.change(run, inputs=[image], outputs=[overlay, legend, mask_file], concurrency_limit=1)
     return app
+
+
+def _pass_unreadable_uploads_on(component) -> None:
+    """Make an image input hand an upload it cannot decode to the event handler as an `UnreadableImageError`: left to
+    Gradio, it ends in Gradio's internal error toast (with temporary paths), red "Error" badges on the outputs and a
+    traceback in the server's log. (The instance's method is wrapped: a subclass of a Gradio component makes Gradio
+    write a .pyi file beside this module.)"""
+    decode = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception as err:  # PIL raises several types for files it cannot read
+            return UnreadableImageError(payload.path or "upload", err, name=payload.orig_name)
+
+    component.preprocess = preprocess
 
 
 def check_port(host: str, port: int) -> None:

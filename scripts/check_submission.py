@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("zip", help="the submission zip")
     parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder holding <split>/<wnid>/*.JPEG")
-    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--split",
+        default="test",
+        type=cli.split_choice("test", "validation", "train_semi"),
+        help="the split the zip predicts (default: test)",
+    )
     parser.add_argument("--num-classes", type=int, help="N (ids 0..N allowed); default: class folders in data-dir")
     args = parser.parse_args(argv)
     problems = check_submission(args.zip, args.data_dir, split=args.split, num_classes=args.num_classes)

@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--data-dir", required=True, help="prepared ImageNet-S folder (official layout)")
-    parser.add_argument("--split", default="validation", choices=["validation", "train_semi"])
+    parser.add_argument(
+        "--split",
+        default="validation",
+        type=cli.split_choice("validation", "train_semi"),
+        help="validation (default) or train_semi",
+    )
     parser.add_argument("--output", help="write every number as JSON here")
     parser.add_argument("--plot", help="write a per-class IoU bar chart (PNG) here")
     parser.add_argument("--batch-size", type=int, default=8)

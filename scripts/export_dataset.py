@@ -19,7 +19,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help="output folder for the parquet shards and README.md dataset card")
     parser.add_argument(
-        "--splits", nargs="+", choices=SPLITS, help="splits to export (default: train_semi validation test present)"
+        "--splits",
+        nargs="+",
+        type=cli.split_choice(*SPLITS),
+        help="splits to export, of train_semi validation test train (default: train_semi validation test present)",
     )
     parser.add_argument("--subset", help="config name (default: detected from the folder: 50, 300, 919, mini, custom)")
     parser.add_argument(

@@ -3,7 +3,7 @@
 truth | prediction (class colours over the image), and a legend naming the classes shown (the model's id2label).
 
 python scripts/make_overlays.py --model outputs/demo --data-dir data/mini --out predictions.png [--num-images 6]
-    [--split validation] [--cell-height 112]
+    [--split validation|train_semi|test] [--cell-height 112]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--split",
         default="validation",
-        choices=["validation", "train-semi", "test"],
-        help="the split folder (test has no ground truth: its row stays white)",
+        type=cli.split_choice("validation", "train_semi", "test"),
+        help="validation (default), train_semi or test (no ground truth: its row stays white)",
     )
     parser.add_argument("--cell-height", type=int, default=112, help="height of each panel in pixels (default 112)")
     parser.add_argument("--title", help='line above the grid (default: "<model> on <data>/<split>")')

@@ -2,7 +2,7 @@
 """Predict a folder of images and write masks in the official encoding (optionally a test-server zip).
 
 python scripts/predict.py --model DIR --images DATA/test --out PRED [--submission submission.zip
-    --method-file method.txt] [--overlay]
+    --method-file method.txt] [--overlay] [--skip-bad]
 """
 
 import sys
@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overlay", action="store_true", help="write image | ground truth | prediction overlays")
     parser.add_argument("--overlay-dir", help="overlay folder (default: <out>_overlays)")
     parser.add_argument("--masks", help="ground-truth masks for the overlays (default: <images>-segmentation)")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip images that cannot be read and list them at the end (and in <out>/skipped_images.txt) instead of "
+        "stopping at the first",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (GPU)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        skip_bad=args.skip_bad,
     )
 
 

@@ -1,7 +1,8 @@
 """The web demo in a real browser: `scripts/app.py` serves a tiny model on localhost; headless Chromium (driven by
 Playwright, with the system's /usr/bin/chromium) uploads an image, waits for the overlay and the legend, downloads
 the class-id mask and keeps a screenshot under the test's tmp folder. The page must not reach outside this machine
-(every other request is aborted and recorded). The server is stopped at the end, whatever happens. Quick tests of
+(every other request is aborted and recorded); an upload that is not an image shows one line, no Gradio error and no
+traceback in the server's log. The server is stopped at the end, whatever happens. Quick tests of
 the legend, the example picking and the script's one-line errors come first.
 
 Chromium comes from the Debian packages `chromium` and `chromium-driver`: installed here with apt-get when missing
@@ -163,6 +164,7 @@ def app_server(model_folder, tmp_path):
     log = tmp_path / "app.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(
+        PYTHONPATH=str(REPO_ROOT),  # this checkout's package, whichever one is installed
         HF_HUB_OFFLINE="1",
         GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
         HF_MODULES_CACHE=str(tmp_path / "modules"),
@@ -212,7 +214,14 @@ def test_upload_shows_overlay_legend_and_mask_download(chromium, app_server, tmp
             page.route("**/*", only_this_server)
             page.goto(url, timeout=120_000)
             page.wait_for_selector("#input-image input[type=file]", state="attached", timeout=120_000)
-            assert page.locator("text=example_1.jpg").count() >= 1  # the --examples images are offered
+            # the --examples images are offered as thumbnails (they were file-name buttons)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.gallery img')].filter(img => img.naturalWidth > 0).length == 2",
+                timeout=120_000,
+            )
+            thumbnails = page.eval_on_selector_all(".gallery img", "imgs => imgs.map(img => img.naturalWidth)")
+            assert len(thumbnails) == 2 and all(width > 0 for width in thumbnails), thumbnails
+            assert page.locator("text=example_1.jpg").count() == 0
 
             page.set_input_files("#input-image input[type=file]", str(image_path))
             page.wait_for_selector("#overlay img", timeout=RESULT_S * 1000)
@@ -228,8 +237,27 @@ def test_upload_shows_overlay_legend_and_mask_download(chromium, app_server, tmp
             )
             mask_bytes = page.request.get(link.get_attribute("href")).body()
             file_name = link.get_attribute("download")
+
+            # an upload that is not an image: one line (a warning toast, kept in the legend's place), no Gradio error
+            broken = tmp_path / "broken.jpg"
+            broken.write_bytes(b"this is not a JPEG")
+            page.set_input_files("#input-image input[type=file]", str(broken))
+            page.wait_for_selector("#legend .demo-error", timeout=RESULT_S * 1000)
+            page.wait_for_selector(".toast-body", timeout=RESULT_S * 1000)
+            page.screenshot(path=str(tmp_path / "app_bad_upload.png"), full_page=True)
+            error_line = page.inner_text("#legend .demo-error")
+            toasts = page.eval_on_selector_all(".toast-body", "toasts => toasts.map(t => t.innerText)")
+            page_text = page.inner_text("body")
+            error_badges = page.get_by_text("Error", exact=True).count()
+            overlay_after = page.locator("#overlay img").count()
         finally:
             browser.close()
+
+    line = "broken.jpg: cannot read this file as an image (UnidentifiedImageError: cannot identify image file 'broken.jpg')"
+    assert error_line == line
+    assert len(toasts) == 1 and line in toasts[0] and "Warning" in toasts[0], toasts
+    assert "ComponentProcessingError" not in page_text and str(tmp_path) not in page_text
+    assert error_badges == 0 and overlay_after == 0  # no red "Error" badges; the previous overlay is cleared
 
     with Image.open(image_path) as uploaded:
         size = uploaded.size

@@ -162,7 +162,7 @@ def test_evaluate_and_predict_errors(data_dir, tmp_path, monkeypatch, capsys):
         1,
         [
             "evaluate.py: error: not-a-model: not a saved model folder (no config.json); give the folder that "
-            "finetune.py or convert_checkpoint.py wrote"
+            "finetune.py or convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
         ],
     )
     from imagenets_hf.model.convert import looks_like_hub_repo_id
@@ -425,3 +425,70 @@ def test_error_lines():
     ]
     assert cli.error_lines(KeyError("k")) == ["KeyError: k (unexpected error; rerun with --debug for the traceback)"]
     assert cli.debug_requested(["--lr", "1", "--deb"]) and not cli.debug_requested(["--", "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "line"),
+    [
+        ("finetune", ["--max_iters", "10"], "unrecognized arguments: --max_iters 10; did you mean --max-iters?"),
+        ("finetune", ["--lr-rate", "0.1"], "unrecognized arguments: --lr-rate 0.1; did you mean --lr?"),
+        (
+            "predict",
+            ["--model", "m", "--images", "i", "--out", "o", "--batch_size=2", "--skip_bad"],
+            "unrecognized arguments: --batch_size=2 --skip_bad; did you mean --batch_size -> --batch-size, "
+            "--skip_bad -> --skip-bad?",
+        ),
+        ("evaluate", ["--model", "m", "--data-dir", "d", "--zebra"], "unrecognized arguments: --zebra"),
+    ],
+    ids=["underscore", "close", "two", "nothing-close"],
+)
+def test_unknown_options_suggest_close_ones(script, args, line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, lines = run_script(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert (status, lines) == (2, [f"{script}.py: error: {line} (see --help)"])
+
+
+def test_split_names_in_either_spelling(data_dir, tmp_path, monkeypatch, capsys):
+    """`train_semi` (documented) and `train-semi` (the folder's name) both reach the library in every script."""
+    for spelling in ("train_semi", "train-semi"):
+        status, lines = run_script(
+            "evaluate", "--model", tmp_path / "nope", "--data-dir", data_dir, "--split", spelling,
+            monkeypatch=monkeypatch, capsys=capsys,
+        )  # fmt: skip
+        assert (status, lines) == (1, [f"evaluate.py: error: no such model folder: {tmp_path / 'nope'}"])
+        status, lines = run_script(
+            "make_overlays", "--model", tmp_path / "nope", "--data-dir", data_dir, "--out", tmp_path / "o.png",
+            "--split", spelling, monkeypatch=monkeypatch, capsys=capsys,
+        )  # fmt: skip
+        assert (status, lines) == (1, [f"make_overlays.py: error: no such image folder: {data_dir / 'train-semi'}"])
+    status, lines = run_script(
+        "evaluate", "--model", "m", "--data-dir", data_dir, "--split", "test", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert (status, lines) == (
+        2,
+        ["evaluate.py: error: argument --split: unknown split 'test'; expected one of validation, train_semi "
+         "(see --help)"],
+    )  # fmt: skip
+
+
+def test_torch_and_torchvision_mismatch_is_named(tmp_path, monkeypatch, capsys):
+    """What a CPU torch meeting a CUDA torchvision raises on `import torchvision`, wrapped as transformers wraps it."""
+    from importlib.metadata import version
+
+    import imagenets_hf.evaluation.submission as submission
+
+    def mismatched(*args, **kwargs):
+        try:
+            raise RuntimeError("operator torchvision::nms does not exist")
+        except RuntimeError as err:
+            raise RuntimeError("Failed to import transformers.models.vit because of the following error") from err
+
+    monkeypatch.setattr(submission, "check_submission", mismatched)
+    status, lines = run_script(
+        "check_submission", "s.zip", "--data-dir", tmp_path, monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert status == 1 and len(lines) == 1
+    assert lines[0].startswith(
+        f"check_submission.py: error: torch {version('torch')} and torchvision {version('torchvision')} do not match "
+        "(operator torchvision::nms does not exist): install matching builds"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,12 @@ def test_empty_split(root):
         _load(root, "test")
 
 
+def test_split_names_in_either_spelling(root):
+    assert len(_load(root, "train-semi")) == len(_load(root, "train_semi")) == 6
+    with pytest.raises(ValueError, match="unknown split 'val'; expected one of train_semi, validation, test, train"):
+        _load(root, "val")
+
+
 def test_missing_split(root):
     import shutil
 
@@ -188,17 +195,55 @@ def _break_three_validation_files(root: Path) -> set[str]:
     return {f"{WNIDS[0]}/{WNIDS[0]}_1", f"{WNIDS[1]}/{WNIDS[1]}_1", f"{WNIDS[2]}/{WNIDS[2]}_0"}
 
 
-def test_skip_bad_skips_and_reports(root):
+def test_every_problem_of_a_split_in_one_error(root):
+    """Listing problems (pairing) and decoding problems (a truncated image, a bad id) come in one error, each
+    naming its file, rather than one kind per run."""
+    _break_three_validation_files(root)
+    not_an_image = root / "validation" / WNIDS[1] / f"{WNIDS[1]}_1.png"
+    not_an_image.write_bytes(b"plain text, not an image")
+    with pytest.raises(ImageNetSDataError) as error:
+        _load(root)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "4 bad file(s) in split 'validation':"
+    assert sorted(line.strip().split(": ")[0] for line in lines[1:]) == sorted(
+        [
+            str(root / "validation" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG"),
+            str(root / "validation" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"),
+            str(not_an_image),
+            str(root / "validation-segmentation" / WNIDS[2] / f"{WNIDS[2]}_1.png"),
+        ]
+    )
+    # PIL names the buffer it was given (<_io.BytesIO object at 0x...>): the message names the file instead
+    assert f"{not_an_image}: corrupt or truncated image (UnidentifiedImageError: cannot identify image file " in (
+        str(error.value)
+    )
+    assert "BytesIO" not in str(error.value)
+
+
+def test_many_problems_are_counted_beyond_the_listed_ones(tmp_path):
+    root = make_tiny_imagenets(tmp_path / "set", images_per_class=10)
+    for path in sorted((root / "validation").glob("*/*"))[:25]:
+        path.write_bytes(b"broken")
+    with pytest.raises(ImageNetSDataError) as error:
+        _load(root)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "25 bad file(s) in split 'validation':"
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == "  ... and 5 more"
+
+
+def test_skip_bad_skips_and_reports(root, caplog):
     good = _break_three_validation_files(root)
     with pytest.raises(ImageNetSDataError):
         _load(root)
-    with pytest.warns(UserWarning) as record:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         dataset = _load(root, skip_bad=True)
-    messages = " ".join(str(warning.message) for warning in record)
-    assert "skipped 1 bad file(s) in split 'validation'" in messages  # pairing, found when listing
-    assert "skipped 2 bad file(s) in split 'validation'" in messages  # decoding, found when generating
-    assert f"{WNIDS[1]}_0.JPEG: image has no mask" in messages
-    assert "corrupt or truncated image" in messages and "outside 0..3 and 1000: 77" in messages
+    notices = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(notices) == 1, notices  # one notice (it came twice: a log line and a UserWarning)
+    assert not [w for w in caught if "skipped" in str(w.message)]
+    assert notices[0].startswith("skipped 3 bad file(s) in split 'validation':")  # listing and decoding together
+    assert f"{WNIDS[1]}_0.JPEG: image has no mask" in notices[0]
+    assert "corrupt or truncated image" in notices[0] and "outside 0..3 and 1000: 77" in notices[0]
     assert set(dataset["image_id"]) == good
     for row in dataset:  # the rows kept are the right ones, not shifted
         wnid, stem = row["image_id"].split("/")
@@ -206,14 +251,14 @@ def test_skip_bad_skips_and_reports(root):
         assert np.array_equal(np.asarray(row["annotation"]), expected)
 
 
-def test_skip_bad_streaming_and_export(root, tmp_path):
+def test_skip_bad_streaming_and_export(root, tmp_path, caplog):
     good = _break_three_validation_files(root)
-    with pytest.warns(UserWarning) as record:
-        rows = list(_load(root, streaming=True, skip_bad=True))
+    rows = list(_load(root, streaming=True, skip_bad=True))
     assert {row["image_id"] for row in rows} == good
-    assert any("skipped 2 bad file(s)" in str(warning.message) for warning in record)
+    assert any("skipped 3 bad file(s)" in record.getMessage() for record in caplog.records)
     with pytest.raises(ImageNetSDataError, match="image has no mask"):
         export_imagenets(root, tmp_path / "out")
-    with pytest.warns(UserWarning, match="skipped"):
-        counts = export_imagenets(root, tmp_path / "out", skip_bad=True)
+    caplog.clear()
+    counts = export_imagenets(root, tmp_path / "out", skip_bad=True)
+    assert any("skipped" in record.getMessage() for record in caplog.records)
     assert counts["validation"] == 3

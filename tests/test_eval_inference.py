@@ -152,7 +152,7 @@ def test_predictions_written_and_read_back_give_the_same_metrics(tiny_model, lab
         num_workers=0,
         progress=False,
         overlay_dir=tmp_path / "overlays",
-    )
+    ).written
     assert len(written) == 5 and all(path.suffix == ".png" for path in written)
     assert len(list((tmp_path / "overlays").rglob("*.jpg"))) == 5
     from_files = evaluate_prediction_folder(tmp_path / "pred", root / "validation-segmentation", NUM_LABELS)

@@ -306,3 +306,23 @@ def test_bad_input_is_refused():
         evaluator.update(np.zeros((2, 3), int), np.zeros((3, 2), int))
     with pytest.raises(TypeError, match="integer class ids"):
         evaluator.update(np.zeros((2, 2), float), np.zeros((2, 2), int))
+
+
+def test_predicting_other_everywhere_on_the_mini_validation_split_as_the_docs_say(mini_dir):
+    """docs/training.md gives the all-"other" baseline of the demo's data: the evaluator's figure, and by hand the
+    share of "other" pixels (its IoU; every object class's is 0) over the 11 classes."""
+    from pathlib import Path
+
+    from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask
+
+    evaluator = SegmentationEvaluator(11, extended=False)
+    other = labelled = 0
+    for mask in sorted((mini_dir / "validation-segmentation").rglob("*.png")):
+        ids = decode_mask(mask)
+        evaluator.update(np.zeros_like(ids), ids)
+        other, labelled = other + int((ids == 0).sum()), labelled + int((ids != IGNORE_INDEX).sum())
+    miou = evaluator.compute()["mIoU"]
+    assert miou == pytest.approx(100 * other / labelled / 11, rel=1e-12)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert f'predicting "other" everywhere gives {miou:.2f}:' in docs
+    assert f"covers {100 * other / labelled:.1f} % of the labelled" in " ".join(docs.split())

@@ -15,11 +15,13 @@ from PIL import Image
 from script_runner import run_script
 
 from imagenets_hf.data.masks import IGNORE_INDEX
+from imagenets_hf.data.mini import MINI_CLASSES, mini_class_names
 from imagenets_hf.evaluation.overlays import (
     FONT_SIZE,
     GAP,
     GRID_ALPHA,
     IGNORE_NAME,
+    OVERLAY_ALPHA,
     draw_legend,
     label_palette,
     legend_entries,
@@ -39,7 +41,24 @@ def colours_in(image: Image.Image) -> set[tuple[int, int, int]]:
 
 
 def palette_colour(class_id: int) -> tuple[int, int, int]:
-    return tuple(int(c) for c in label_palette()[class_id])
+    """The overlay colour of a mini dataset class id (the names above and the tiny model's are the mini ones)."""
+    return tuple(int(c) for c in label_palette(id2label=dict(enumerate(mini_class_names())))[class_id])
+
+
+def test_mini_classes_are_drawn_in_the_colours_their_names_say():
+    """The "red solid disc" was drawn blue: each mini class takes the colour it is drawn in, whatever its id."""
+    palette = label_palette(id2label={0: "other", 7: "red solid disc", 3: "white wavy diamond", 4: "hen"})
+    assert tuple(palette[7]) == MINI_CLASSES[0].colour == (220, 30, 30)
+    assert tuple(palette[3]) == MINI_CLASSES[8].colour == (240, 240, 240)
+    assert tuple(palette[4]) == tuple(label_palette()[4])  # another name keeps the id's hue
+    assert tuple(palette[0]) == (0, 0, 0) and tuple(palette[IGNORE_INDEX]) == (128, 128, 128)
+    colours = {tuple(int(c) for c in colour) for colour in label_palette(id2label=dict(enumerate(mini_class_names())))}
+    assert len(colours) == 1001  # "other", ignore and every class apart
+    # the overlay of a white image: the disc's pixels are red over white
+    image = Image.fromarray(np.full((4, 4, 3), 255, dtype=np.uint8))
+    overlay = np.asarray(make_overlay(image, np.full((4, 4), 1), id2label=ID2LABEL))[:4, -4:]  # the prediction panel
+    expected = np.round((1 - OVERLAY_ALPHA) * 255 + OVERLAY_ALPHA * np.array([220, 30, 30]))
+    assert (overlay == expected).all()
 
 
 def test_legend_entries_are_the_classes_shown_by_id_with_their_names():
@@ -76,12 +95,12 @@ def test_overlay_with_names_adds_a_legend_below_the_panels():
     ids = np.zeros((10, 20), dtype=np.int64)
     ids[:, 10:] = 2
     plain = make_overlay(image, ids, ids)
-    named = make_overlay(image, ids, ids, id2label=ID2LABEL)
+    named = make_overlay(image, ids, ids, id2label={0: "other", 2: "hen"})  # not mini names: the same colours
     assert plain.size == (3 * 20 + 2 * GAP, 10)
     assert named.width == plain.width and named.height > plain.height
     assert np.array_equal(np.asarray(named)[:10], np.asarray(plain))  # the panels are unchanged
     legend = named.crop((0, 10, named.width, named.height))
-    assert {palette_colour(0), palette_colour(2)} <= colours_in(legend)
+    assert {tuple(int(c) for c in label_palette()[i]) for i in (0, 2)} <= colours_in(legend)
 
 
 def test_grid_has_three_rows_of_cells_and_blends_the_class_colours():

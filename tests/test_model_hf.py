@@ -67,6 +67,20 @@ def test_save_load_round_trip_gives_identical_outputs(saved_model):
     assert reloaded.config.label2id["shark"] == 2
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_all_get_the_umasks_mode(tmp_path, umask):
+    """model.safetensors came out 0600 (safetensors writes through a private temporary file) beside 0644 files."""
+    previous = os.umask(umask)
+    try:
+        tiny_model().save_pretrained(tmp_path / "model")
+        ViTFCNImageProcessor().save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "model").iterdir()}
+    assert "model.safetensors" in modes and "config.json" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 def test_saved_folder_holds_weights_code_and_auto_map(saved_model):
     folder = saved_model[0]
     files = set(os.listdir(folder))

@@ -17,13 +17,16 @@ class ImageNetSDataError(ValueError):
 
 def check_image_bytes(data: bytes, path: str | os.PathLike) -> tuple[int, int]:
     """Fully decode an image (``load()``, which catches truncation that ``verify()`` misses); return (width, height)."""
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(buffer) as image:
             image.load()
             return image.size
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, UnidentifiedImageError, ...)
+        # PIL names the file it was given: here the buffer (`<_io.BytesIO object at 0x...>`), so say the path
+        message = str(err).replace(repr(buffer), os.fspath(path))
         raise ImageNetSDataError(
-            f"{os.fspath(path)}: corrupt or truncated image ({type(err).__name__}: {err})"
+            f"{os.fspath(path)}: corrupt or truncated image ({type(err).__name__}: {message})"
         ) from err
 
 

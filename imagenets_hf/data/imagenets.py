@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,15 @@ MAX_PROBLEMS_SHOWN = 20
 EXAMPLES_PER_SHARD = 1000
 
 _VERSION = datasets.Version("1.0.0")
+
+
+def split_name(name: str) -> str:
+    """The split called `name`: "train_semi", "validation", "test" or "train"; the folder's spelling ("train-semi")
+    is taken too (the scripts document the underscore one)."""
+    split = name.replace("-", "_")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+    return split
 
 
 def _is_hidden(name: str) -> bool:
@@ -239,9 +247,19 @@ def list_split(
 ) -> list[tuple[str, int, str, str | None]]:
     """The examples of one split as (image_id, label, image path, mask path or None), checking the file pairing.
 
-    An image without its mask or a mask without its image raises (or, with ``skip_bad``, is skipped with a
-    warning). A missing or empty split always raises.
+    Images without their mask, masks without their image and stray files raise, all of them listed in one error
+    (or, with ``skip_bad``, are skipped with a warning listing them). A missing or empty split always raises.
     """
+    examples, problems = _split_examples(data_dir, split, wnids)
+    _report_problems(split, problems, skip_bad)
+    _check_not_empty(data_dir, split, examples)
+    return examples
+
+
+def _split_examples(
+    data_dir: str | os.PathLike, split: str, wnids: Sequence[str]
+) -> tuple[list[tuple[str, int, str, str | None]], list[str]]:
+    """`list_split`'s examples, and its problems ("path: what") instead of raising them."""
     root = Path(data_dir)
     image_folder_name, mask_folder_name = SPLIT_FOLDERS[split]
     image_folder = root / image_folder_name
@@ -263,7 +281,6 @@ def list_split(
         for key, mask_path in masks.items():
             if key not in images:
                 problems[str(mask_path)] = f"mask has no image in {image_folder / key[0]}"
-    _report_problems(split, [f"{path}: {what}" for path, what in problems.items()], skip_bad)
     examples = []
     for (wnid, stem), image_path in sorted(images.items()):
         mask_path = masks.get((wnid, stem)) if mask_folder_name is not None else None
@@ -274,21 +291,25 @@ def list_split(
         examples.append(
             (f"{wnid}/{stem}", label_of[wnid], str(image_path), None if mask_path is None else str(mask_path))
         )
+    return examples, [f"{path}: {what}" for path, what in problems.items()]
+
+
+def _check_not_empty(data_dir: str | os.PathLike, split: str, examples: list) -> None:
     if not examples:
+        image_folder = Path(data_dir) / SPLIT_FOLDERS[split][0]
         raise ImageNetSDataError(f"{image_folder}: split {split!r} is empty (no usable images)")
-    return examples
 
 
 def _report_problems(split: str, problems: list[str], skip_bad: bool) -> None:
+    """Raise one error listing the problems (the first MAX_PROBLEMS_SHOWN), or with ``skip_bad`` log one warning."""
     if not problems:
         return
     shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
     more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
     if not skip_bad:
         raise ImageNetSDataError(f"{len(problems)} bad file(s) in split {split!r}:\n  {shown}{more}")
-    message = f"skipped {len(problems)} bad file(s) in split {split!r}:\n  {shown}{more}"
-    logger.warning(message)
-    warnings.warn(message, stacklevel=3)
+    # One notice: a log line (a `warnings.warn` as well printed it twice, the second time with a source line)
+    logger.warning(f"skipped {len(problems)} bad file(s) in split {split!r}:\n  {shown}{more}")
 
 
 @dataclass
@@ -338,25 +359,29 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
             kwargs["synset_words"] = os.fspath(Path(kwargs["synset_words"]).resolve())
         splits = kwargs.get("splits")
         if splits is not None:
-            unknown = [split for split in splits if split not in SPLITS]
-            if unknown:
-                raise ValueError(f"unknown split(s) {unknown}; expected some of {list(SPLITS)}")
-            kwargs["splits"] = tuple(splits)
+            splits = kwargs["splits"] = tuple(split_name(split) for split in splits)
         if kwargs.get("fingerprint") is None:
             kwargs["fingerprint"] = folder_fingerprint(
                 data_dir, splits or _default_splits(data_dir), kwargs.get("synset_words")
             )
         super().__init__(*args, data_dir=data_dir, config_name=config_name, **kwargs)
 
+    # While the Arrow cache is built every file of a split is checked and the bad ones are listed together at the
+    # end; a streamed split raises at its first bad file (a stream's end may be an epoch away).
+    _check_whole_split = False
+
     def download_and_prepare(self, *args, **kwargs):
         """As datasets', but a bad file raises our error naming it: datasets wraps generation errors in a message
         without the file."""
+        self._check_whole_split = True
         try:
             return super().download_and_prepare(*args, **kwargs)
         except DatasetGenerationError as err:
             if isinstance(err.__cause__, ImageNetSDataError):
                 raise err.__cause__ from None
             raise
+        finally:
+            self._check_whole_split = False
 
     def _info(self) -> datasets.DatasetInfo:
         wnids = list_classes(self.config.data_dir)
@@ -379,17 +404,29 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
         data_dir, skip_bad = self.config.data_dir, self.config.skip_bad
         splits = self.config.splits or _default_splits(data_dir)
         wnids = list_classes(data_dir)
-        return [
-            datasets.SplitGenerator(
-                name=split,
-                gen_kwargs={"split": split, "shards": _shards(list_split(data_dir, split, wnids, skip_bad))},
+        generators = []
+        for split in splits:
+            examples, problems = _split_examples(data_dir, split, wnids)
+            if not examples:
+                _report_problems(split, problems, skip_bad)
+                _check_not_empty(data_dir, split, examples)
+            generators.append(
+                datasets.SplitGenerator(
+                    name=split, gen_kwargs={"split": split, "shards": _shards(examples), "problems": tuple(problems)}
+                )
             )
-            for split in splits
-        ]
+        return generators
 
-    def _generate_examples(self, split: str, shards: list[list]) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(
+        self, split: str, shards: list[list], problems: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict]]:
+        """The rows of the split's good files; the problems found when listing it (`problems`) and those found when
+        decoding are reported together (see `_check_whole_split`)."""
         num_classes = len(self.info.features["label"].names) - 1
-        problems: list[str] = []
+        problems = list(problems)
+        stop_at_first = not self.config.skip_bad and not self._check_whole_split
+        if stop_at_first:
+            _report_problems(split, problems, skip_bad=False)
         examples = (example for shard in shards for example in shard)
         for image_id, label, image_path, mask_path in examples:
             try:
@@ -400,7 +437,7 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
                     ids = read_mask_ids(mask_path, num_classes, image_size, image_path)
                     annotation = {"bytes": annotation_png_bytes(ids), "path": f"{image_id}.png"}
             except ImageNetSDataError as err:
-                if not self.config.skip_bad:
+                if stop_at_first:
                     raise
                 problems.append(str(err))
                 continue
@@ -414,7 +451,7 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
                     "label": label,
                 },
             )
-        _report_problems(split, problems, skip_bad=True)
+        _report_problems(split, problems, self.config.skip_bad)
 
 
 def _shards(examples: list) -> list[list]:
@@ -449,8 +486,7 @@ def load_imagenets(
         skip_bad: skip bad files (corrupt images or masks, unpaired files, wrong mask size or ids) with a warning
             that counts and lists them, instead of raising.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    split = split_name(split)
     if streaming is None:
         streaming = split == "train"
     kwargs = {}

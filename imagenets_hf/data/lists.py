@@ -350,7 +350,11 @@ def download_lists(
                 raise ListFileError(f"downloaded {url} is not the official list: {err}") from None
             os.replace(temporary, target)
         except OSError as err:
-            raise ListFileError(f"cannot download {url}: {err}") from err
+            raise ListFileError(
+                f"cannot download {url}: {err}; without network, give the lists with --lists DIR (lists_dir=): a copy "
+                "of the data/ folder of https://github.com/LUSSeg/ImageNet-S (its categories/, names/ and mapping/ "
+                "sub-folders)"
+            ) from err
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask
+from imagenets_hf.data.mini import MINI_CLASSES
 
 OVERLAY_ALPHA = 0.55  # weight of the class colour over the image (predict.py --overlay)
 GRID_ALPHA = 0.75  # the grid's small cells: colours close to the legend's swatches, the shapes still visible
@@ -25,17 +26,25 @@ IGNORE_NAME = "ignore (not scored)"
 GAP = 4  # white pixels between panels
 FONT_SIZE = 12
 MAX_LEGEND_ENTRIES = 24  # a noisy 920-class prediction would otherwise list hundreds
+IGNORE_COLOUR = (128, 128, 128)  # apart from black "other" and from every class colour (the mini set has a white one)
+# The mini dataset's classes are named after their colour: overlays draw them in it (a "red solid disc" in red).
+MINI_COLOURS = {c.name: c.colour for c in MINI_CLASSES}
 
 
-def label_palette(num_ids: int = IGNORE_INDEX + 1) -> np.ndarray:
-    """(num_ids, 3) uint8 colours: 0 ("other") black, 1000 (ignore) white, the rest well-separated hues."""
+def label_palette(num_ids: int = IGNORE_INDEX + 1, id2label: Mapping[Any, str] | None = None) -> np.ndarray:
+    """(num_ids, 3) uint8 colours: 0 ("other") black, 1000 (ignore) grey, the rest well-separated hues; with
+    `id2label`, a class named as one of the mini dataset's ("red solid disc") takes the colour it is drawn in."""
     palette = np.zeros((num_ids, 3), dtype=np.uint8)
     for i in range(1, num_ids):
         hue = (i * 0.618033988749895) % 1.0  # golden-ratio steps keep neighbouring ids apart
         saturation = 0.65 + 0.35 * ((i * 7) % 3) / 2
         palette[i] = [int(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, 0.95)]
     if num_ids > IGNORE_INDEX:
-        palette[IGNORE_INDEX] = 255
+        palette[IGNORE_INDEX] = IGNORE_COLOUR
+    for class_id, name in (id2label or {}).items():
+        colour = MINI_COLOURS.get(str(name))
+        if colour is not None and 0 <= int(class_id) < num_ids:
+            palette[int(class_id)] = colour
     return palette
 
 
@@ -45,10 +54,13 @@ def colorize(ids: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     return palette[np.asarray(ids, dtype=np.int64) % len(palette)]
 
 
-def blend(rgb: np.ndarray, ids: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The class colours of `ids` laid over an HxWx3 image with weight `alpha` (float32)."""
+def blend(
+    rgb: np.ndarray, ids: np.ndarray, alpha: float = OVERLAY_ALPHA, palette: np.ndarray | None = None
+) -> np.ndarray:
+    """The class colours of `ids` (`palette`, default `label_palette()`) laid over an HxWx3 image with weight `alpha`
+    (float32)."""
     rgb = np.asarray(rgb, dtype=np.float32)
-    return (1 - alpha) * rgb + alpha * colorize(ids).astype(np.float32)
+    return (1 - alpha) * rgb + alpha * colorize(ids, palette).astype(np.float32)
 
 
 def label_name(class_id: int, id2label: Mapping[Any, str] | None) -> str:
@@ -92,7 +104,7 @@ def draw_legend(entries: Sequence[tuple[int, str]], width: int, more: int = 0) -
     """A white strip `width` pixels wide: a colour swatch and the name of each (id, name) entry, wrapped into lines,
     then "+N more classes" when `more` were left out. The one legend of every picture this package draws."""
     font = legend_font()
-    palette = label_palette()
+    palette = label_palette(id2label=dict(entries))
     line_height = FONT_SIZE + 6
     swatch = FONT_SIZE
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -136,7 +148,9 @@ def make_overlay(
     """Side by side: the image | ground truth over the image (when given) | prediction over the image. With
     `id2label` (the model's class names), a legend of the classes shown goes below."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    panels = [rgb] + [blend(rgb, ids) for ids in ([ground_truth] if ground_truth is not None else []) + [prediction]]
+    palette = label_palette(id2label=id2label)
+    maps = ([ground_truth] if ground_truth is not None else []) + [prediction]
+    panels = [rgb] + [blend(rgb, ids, palette=palette) for ids in maps]
     gap = np.full((rgb.shape[0], GAP, 3), 255, dtype=np.float32)
     row = [panels[0]]
     for panel in panels[1:]:
@@ -184,11 +198,13 @@ def make_prediction_grid(
     row_names = ["image", "ground truth", "prediction"]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_width = max(int(measure.textlength(name, font=font)) for name in row_names) + 2 * GAP
+    palette = label_palette(id2label=id2label)
     columns = []
     for image, prediction, ground_truth in zip(images, predictions, ground_truths):
         rgb, (gt, pred) = _fit(image, [ground_truth, prediction], cell_height)
         white = np.full_like(rgb, 255)
-        columns.append([rgb, blend(rgb, gt, alpha) if gt is not None else white, blend(rgb, pred, alpha)])
+        gt_panel = blend(rgb, gt, alpha, palette) if gt is not None else white
+        columns.append([rgb, gt_panel, blend(rgb, pred, alpha, palette)])
     title_height = FONT_SIZE + 2 * GAP if title else 0
     width = label_width + sum(column[0].shape[1] + GAP for column in columns)
     height = title_height + 3 * (cell_height + GAP)
@@ -233,20 +249,22 @@ def write_prediction_grid(
     Args:
         model_name_or_path: a saved model folder (what finetune.py or convert_checkpoint.py wrote) or Hub id.
         data_dir: a prepared ImageNet-S folder (official layout: `<split>/` and `<split>-segmentation/`).
-        split: "validation" or "train-semi" (the folders with masks), or "test" (no ground truth).
+        split: "validation" or "train_semi" (the splits with masks), or "test" (no ground truth); "train-semi" too.
         device: where the model runs (default: the first GPU when there is one, else the CPU).
         title: a line above the grid (default: "<model folder name> on <data folder name>/<split>").
     """
     import torch
     from transformers.utils import logging as transformers_logging
 
+    from imagenets_hf.data.imagenets import SPLIT_FOLDERS, split_name
     from imagenets_hf.evaluation.inference import predict_segmentation
     from imagenets_hf.evaluation.predict import default_masks_dir, list_images, prediction_path
     from imagenets_hf.evaluation.run import load_model_and_processor
 
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    images_dir = Path(data_dir) / split
+    split = split_name(split)
+    images_dir = Path(data_dir) / SPLIT_FOLDERS[split][0]
     relative_paths = list_images(images_dir)  # says which folder when it is missing or empty
     chosen = [relative_paths[i] for i in spread_indices(len(relative_paths), num_images)]
     masks_dir = default_masks_dir(images_dir)

@@ -8,7 +8,11 @@ image | ground truth (when a mask is found) | prediction, with a legend of the c
 from __future__ import annotations
 
 import os
+import re
+import sys
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +25,82 @@ from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
 from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# Smaller than one 16-pixel ViT patch on a side: predicted (the processor upsamples it) but the result means little.
+MIN_IMAGE_SIDE = 16
+# Where predict.py --skip-bad lists the images it skipped (beside the masks; a submission zip takes only .png files).
+SKIPPED_FILE_NAME = "skipped_images.txt"
+
+
+def scan_image_folder(images_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(images, others): the paths relative to `images_dir` of its image files (by extension) and of its other
+    files, both sorted; hidden files are in neither."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such image folder: {root}")
+    images, others = [], []
+    for path in root.rglob("*"):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            kind = images if path.suffix.lower() in IMAGE_EXTENSIONS else others
+            kind.append(path.relative_to(root).as_posix())
+    return sorted(images), sorted(others)
 
 
 def list_images(images_dir: str | os.PathLike) -> list[str]:
     """Image paths relative to `images_dir` ("wnid/name.JPEG", or "name.JPEG" at the top), sorted."""
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root}")
-    found = [
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    ]
+    found = scan_image_folder(images_dir)[0]
     if not found:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return sorted(found)
+        raise FileNotFoundError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return found
 
 
 def prediction_path(relative_image_path: str) -> str:
     """The mask file name for an image: same folder, extension .png."""
     return os.path.splitext(relative_image_path)[0] + ".png"
+
+
+def read_image(path: str | os.PathLike) -> tuple[Image.Image, list[str]]:
+    """An image file decoded to RGB, and the warnings to show about it (one line each, naming the file): an image
+    under MIN_IMAGE_SIDE pixels on a side, one over PIL's decompression-bomb limit (PIL's own warning, which
+    names neither the file nor the size, is replaced). Raises ValueError naming the file when it cannot be read."""
+    path = os.fspath(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except Image.DecompressionBombError as err:
+            pixels = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else "too large"
+            raise ValueError(
+                f"{path}: cannot read image: {size}, over twice PIL's decompression-bomb limit "
+                f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,} pixels); downscale it"
+            ) from err
+        except Exception as err:  # PIL raises several types for broken files
+            raise ValueError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    notes = []
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            width, height = rgb.size
+            notes.append(
+                f"{path}: {width}x{height} pixels ({width * height / 1e6:.0f} megapixels) is over PIL's "
+                f"decompression-bomb limit ({Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels): predicted anyway, in "
+                "much memory"
+            )
+        else:  # not ours to hide
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        notes.append(
+            f"{path}: {rgb.width}x{rgb.height} pixels, under {MIN_IMAGE_SIDE} on a side: its prediction means little"
+        )
+    return rgb, notes
+
+
+@dataclass
+class _Item:
+    relative: str
+    image: Image.Image | None
+    notes: list[str]
+    error: str | None  # why the image could not be read
 
 
 class _ImageFolder(Dataset):
@@ -50,17 +110,25 @@ class _ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.relative_paths)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+    def __getitem__(self, index: int) -> _Item:
         relative = self.relative_paths[index]
-        try:
-            with Image.open(self.root / relative) as image:
-                return image.convert("RGB"), relative
-        except Exception as err:  # PIL raises several types for broken files
-            raise ValueError(f"{self.root / relative}: cannot read image ({err})") from err
+        try:  # the error travels to the main process, which stops or skips (a worker's raise would end the loader)
+            image, notes = read_image(self.root / relative)
+        except ValueError as err:
+            return _Item(relative, None, [], str(err))
+        return _Item(relative, image, notes, None)
 
 
 def _collate(items):
     return items
+
+
+@dataclass
+class FolderPrediction:
+    """What `predict_folder` did: the masks written and the unreadable images skipped ("path: why")."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 def default_masks_dir(images_dir: str | os.PathLike) -> Path | None:
@@ -83,7 +151,8 @@ def predict_folder(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> list[Path]:
+    skip_bad: bool = False,
+) -> FolderPrediction:
     """Predict every image under `images_dir` and write `<out_dir>/<wnid>/<name>.png` (official encoding).
 
     Args:
@@ -96,9 +165,13 @@ def predict_folder(
         masks_dir: ground-truth masks for the overlays (default: `<images_dir>-segmentation` when it exists).
         num_workers: DataLoader workers decoding images.
         rank, world_size: this process's share (every world_size-th image), for multi-process prediction.
+        skip_bad: skip images that cannot be read (listed in the result) instead of raising ValueError naming the
+            first one.
+
+    Warnings about an image (too small, very large: see `read_image`) are printed to stderr as it is predicted.
 
     Returns:
-        The written mask paths.
+        The written mask paths and the skipped images.
     """
     from tqdm.auto import tqdm
 
@@ -113,26 +186,36 @@ def predict_folder(
     loader = DataLoader(
         _ImageFolder(images_root, relative_paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
-    written = []
+    result = FolderPrediction()
     try:
         for batch in tqdm(loader, disable=not progress or rank != 0, desc="predict"):
-            images = [image for image, _ in batch]
+            for item in batch:
+                for note in item.notes:
+                    tqdm.write(f"warning: {note}", file=sys.stderr)
+                if item.error is not None:
+                    if not skip_bad:
+                        raise ValueError(f"{item.error} (--skip-bad skips unreadable images)")
+                    result.skipped.append(item.error)
+            batch = [item for item in batch if item.image is not None]
+            if not batch:
+                continue
+            images = [item.image for item in batch]
             predictions = predict_segmentation(model, image_processor, images, dtype=dtype, batch_size=batch_size)
-            for (image, relative), prediction in zip(batch, predictions):
-                target = out_root / prediction_path(relative)
+            for item, prediction in zip(batch, predictions):
+                target = out_root / prediction_path(item.relative)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 encode_mask(prediction).save(target)
-                written.append(target)
+                result.written.append(target)
                 if overlay_dir is not None:
                     ground_truth = None
-                    if masks_dir is not None and (Path(masks_dir) / prediction_path(relative)).is_file():
-                        ground_truth = decode_mask(Path(masks_dir) / prediction_path(relative))
-                    overlay_path = Path(overlay_dir) / (os.path.splitext(relative)[0] + ".jpg")
+                    if masks_dir is not None and (Path(masks_dir) / prediction_path(item.relative)).is_file():
+                        ground_truth = decode_mask(Path(masks_dir) / prediction_path(item.relative))
+                    overlay_path = Path(overlay_dir) / (os.path.splitext(item.relative)[0] + ".jpg")
                     overlay_path.parent.mkdir(parents=True, exist_ok=True)
-                    make_overlay(image, prediction, ground_truth, id2label).save(overlay_path, quality=90)
+                    make_overlay(item.image, prediction, ground_truth, id2label).save(overlay_path, quality=90)
     finally:
         model.train(was_training)
-    return written
+    return result
 
 
 def evaluate_prediction_folder(

@@ -11,13 +11,25 @@ from typing import Any
 import torch
 
 
-def load_model_and_processor(model_name_or_path: str | os.PathLike, device: torch.device | str | None = None):
+def load_model_and_processor(
+    model_name_or_path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    names: list[str] | None = None,
+):
     """A saved `ViTFCNForSemanticSegmentation` (folder or Hub id) in float32 and its image processor (the default
-    evaluation processor, with a warning, when none was saved)."""
+    evaluation processor, with a warning, when none was saved). A training checkpoint folder
+    (`<run>/checkpoints/checkpoint_<N>`) gives its model as the run's recipe builds it (see `load_checkpoint_model`;
+    `names` are its class names, by default those of the run's data folder)."""
     from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
+    from imagenets_hf.training.checkpoints import is_checkpoint_folder, load_checkpoint_model
 
     name = os.fspath(model_name_or_path)
     check_model_location(name)
+    if is_checkpoint_folder(name):
+        model, processor = load_checkpoint_model(name, names)
+        if device is not None:
+            model.to(device)
+        return model.eval(), processor
     try:
         model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
     except OSError as err:  # transformers' message does not say which model it was loading
@@ -36,13 +48,14 @@ def check_model_location(name: str) -> None:
     """Refuse a model that is neither a saved model folder nor an `owner/name` Hub id before transformers looks it
     up on the Hub (a mistyped local folder would otherwise end in a network error)."""
     from imagenets_hf.model.convert import looks_like_hub_repo_id
+    from imagenets_hf.training.checkpoints import is_checkpoint_folder
 
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_checkpoint_folder(path):
             raise FileNotFoundError(
                 f"{name}: not a saved model folder (no config.json); give the folder that finetune.py or "
-                "convert_checkpoint.py wrote"
+                "convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
             )
     elif path.exists():
         raise NotADirectoryError(
@@ -118,7 +131,7 @@ def run_evaluation(
     # mixed_precision "no": the precision is `dtype` alone (recorded below), never ACCELERATE_MIXED_PRECISION, which
     # `accelerate launch` sets from the user's accelerate config. Several CPU processes need cpu=True.
     accelerator = make_accelerator(mixed_precision="no", cpu=not accelerator_available())
-    model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
+    model, processor = load_model_and_processor(model_name_or_path, accelerator.device, names=names)
     with accelerator.main_process_first():  # one process builds the Arrow cache, the others reuse it
         dataset = load_imagenets(data_dir, split=split, cache_dir=cache_dir)
     if len(names) != model.config.num_labels:
@@ -167,10 +180,13 @@ def run_prediction(
     dtype: str | None = None,
     num_workers: int = 2,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
-    `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip."""
-    from imagenets_hf.evaluation.predict import list_images, predict_folder
+    `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip. Files that are not images (by
+    extension) are counted and named; an unreadable image raises, or with `skip_bad` is skipped and listed (also in
+    `<out_dir>/skipped_images.txt`)."""
+    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, list_images, predict_folder, scan_image_folder
 
     # The inputs first: a wrong folder or file is said before anything heavy is imported, loaded or predicted.
     list_images(images_dir)
@@ -183,10 +199,13 @@ def run_prediction(
 
     # As run_evaluation: the precision is `dtype` alone; several CPU processes need cpu=True.
     accelerator = make_accelerator(mixed_precision="no", cpu=not accelerator_available())
+    others = scan_image_folder(images_dir)[1]
+    if others and accelerator.is_main_process:
+        print(f"note: left out {_counted_list(others, 'file')} of {images_dir}: not images by their extension")
     model, processor = load_model_and_processor(model_name_or_path, accelerator.device)
     if overlay and overlay_dir is None:
         overlay_dir = Path(out_dir).with_name(Path(out_dir).name + "_overlays")
-    written = predict_folder(
+    done = predict_folder(
         model,
         processor,
         images_dir,
@@ -199,11 +218,20 @@ def run_prediction(
         progress=progress,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        skip_bad=skip_bad,
     )
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {"predictions": len(written), "out_dir": os.fspath(out_dir)}
+    skipped = [line for lines in _gather_lists(accelerator, done.skipped) for line in lines]
+    result: dict[str, Any] = {"predictions": len(done.written), "out_dir": os.fspath(out_dir), "skipped": skipped}
     if accelerator.is_main_process:
-        print(f"{len(written)} predictions written to {out_dir} (this process)")
+        print(f"{len(done.written)} predictions written to {out_dir} (this process)")
+        if skipped:
+            skipped_file = Path(out_dir) / SKIPPED_FILE_NAME
+            skipped_file.parent.mkdir(parents=True, exist_ok=True)
+            skipped_file.write_text("".join(f"{line}\n" for line in sorted(skipped)), encoding="utf-8")
+            print(f"skipped {len(skipped)} unreadable image(s) (listed in {skipped_file}):")
+            for line in sorted(skipped):
+                print(f"  {line}")
         if overlay:
             print(f"overlays written to {overlay_dir}")
             result["overlay_dir"] = os.fspath(overlay_dir)
@@ -212,3 +240,18 @@ def run_prediction(
             print(f"submission written to {zip_path}")
             result["submission"] = os.fspath(zip_path)
     return result
+
+
+def _counted_list(paths: list[str], noun: str, shown: int = 10) -> str:
+    """ "3 files (a.txt, b.json, c)", the first `shown` named."""
+    names = ", ".join(paths[:shown]) + (f", ... and {len(paths) - shown} more" if len(paths) > shown else "")
+    return f"{len(paths)} {noun}{'s' if len(paths) != 1 else ''} ({names})"
+
+
+def _gather_lists(accelerator, items: list[str]) -> list[list[str]]:
+    """Every process's list (one process: just this one's)."""
+    if accelerator.num_processes == 1:
+        return [items]
+    from accelerate.utils import gather_object
+
+    return gather_object([items])

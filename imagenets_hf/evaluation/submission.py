@@ -126,16 +126,17 @@ def check_submission(
     split: str = "test",
     num_classes: int | None = None,
 ) -> list[str]:
-    """Problems of a submission zip against `<data_dir>/<split>` (empty list: it passes).
+    """Problems of a submission zip against the images of `split` in `data_dir` (empty list: it passes).
 
     Checks: one `<wnid>/<name>.png` per image (nothing missing, nothing extra), each an RGB PNG at its image's size
     with B = 0 and ids in 0..N (N = number of classes), and method.txt with every field filled in (none empty,
     none still reading the template's TODO placeholder). A missing zip raises FileNotFoundError, a file that is not a
     zip ValueError.
     """
-    from imagenets_hf.data.imagenets import list_classes
+    from imagenets_hf.data.imagenets import SPLIT_FOLDERS, list_classes, split_name
 
-    zip_path, images_root = Path(zip_path), Path(data_dir) / split
+    split = split_name(split)
+    zip_path, images_root = Path(zip_path), Path(data_dir) / SPLIT_FOLDERS[split][0]
     if not zip_path.is_file():  # nothing to check: an error, not a problem of the submission
         raise FileNotFoundError(f"no such submission zip: {zip_path}")
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -245,6 +247,24 @@ def build_head(config: ViTFCNConfig, in_channels: int) -> nn.Module:
     raise ValueError(f"unknown head {config.head!r}")
 
 
+def weights_mode_as_umask(folder: str | os.PathLike) -> None:
+    """Give the `.safetensors` files in `folder` the mode a new file gets under the umask (0644 under 022), as
+    config.json has: safetensors writes through a private temporary file and leaves its weights at 0600."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).glob("*.safetensors"):
+        os.chmod(path, mode)
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (setting it, even back, races with threads creating files)
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 class ViTFCNPreTrainedModel(PreTrainedModel):
     """Weight init and the transformers flags shared by the ViT + FCN models."""
 
@@ -257,6 +277,11 @@ class ViTFCNPreTrainedModel(PreTrainedModel):
     # flag from config._attn_implementation ("sdpa" by default, "eager" for the explicit softmax).
     _supports_sdpa = True
     _no_split_modules = ["Block"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, with the weight files' mode what the umask gives the other files."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        weights_mode_as_umask(save_directory)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

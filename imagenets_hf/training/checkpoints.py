@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 MANIFEST_FILE_NAME = "checkpoint.json"
@@ -41,6 +42,56 @@ def checkpoint_iteration(path: str | os.PathLike) -> int | None:
     name = Path(path).name
     suffix = name[len(CHECKPOINT_PREFIX) :] if name.startswith(CHECKPOINT_PREFIX) else ""
     return int(suffix) if suffix.isdigit() else None
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """True for a `checkpoint_<iteration>` folder holding the model's weights (as `save_checkpoint` writes it)."""
+    path = Path(path)
+    return checkpoint_iteration(path) is not None and (path / MODEL_FILE_NAME).is_file()
+
+
+def checkpoint_run_folder(path: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint: `<run>/checkpoints/checkpoint_<iteration>` -> `<run>`."""
+    return Path(path).resolve().parent.parent
+
+
+def load_checkpoint_model(path: str | os.PathLike, names: list[str] | None = None):
+    """The model of a training checkpoint in float32, built as its run's recipe (`<run>/recipe.yaml`) builds it, and
+    the recipe's evaluation image processor: what evaluate.py and predict.py load for a checkpoint folder.
+
+    `names` (the class names, "other" first) default to those of the run's data folder.
+    """
+    from safetensors.torch import load_file
+
+    from imagenets_hf.data.imagenets import class_names, default_synset_words
+    from imagenets_hf.training.finetune import build_image_processor, build_model
+    from imagenets_hf.training.recipes import load_recipe
+    from imagenets_hf.training.run_folder import RECIPE_FILE_NAME
+
+    path = Path(path)
+    recipe_file = checkpoint_run_folder(path) / RECIPE_FILE_NAME
+    if not recipe_file.is_file():
+        raise FileNotFoundError(
+            f"{path}: a training checkpoint, but its run folder holds no {RECIPE_FILE_NAME} ({recipe_file}), which says "
+            "how to build its model"
+        )
+    recipe = load_recipe(recipe_file)
+    if names is None:
+        try:
+            names = class_names(recipe.data_dir, recipe.synset_words or default_synset_words(recipe.data_dir))
+        except ValueError as err:
+            raise ValueError(f"{path}: the class names come from the run's data folder ({recipe_file}): {err}") from err
+    model = build_model(recipe, names)
+    # a checkpoint saved from a wrapped model may carry the wrappers' prefixes
+    state = {bare_parameter_name(key): value for key, value in load_file(path / MODEL_FILE_NAME).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: its weights do not fit the model {recipe_file} builds with {len(names)} labels: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from err
+    return model.to(torch.float32), build_image_processor(recipe)
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -138,6 +189,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ite
     accelerator.save_state(str(staging))  # every process writes its own RNG state; the main one the rest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from imagenets_hf.model.modeling_vit_fcn import weights_mode_as_umask
+
+        weights_mode_as_umask(staging)
         files = _fsync_tree(staging)
         manifest = {"iteration": iteration, "files": files}
         (staging / MANIFEST_FILE_NAME).write_text(json.dumps(manifest, indent=1))
