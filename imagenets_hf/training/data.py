@@ -12,9 +12,11 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -190,10 +192,11 @@ def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per
-    worker). (One OpenCV thread per worker is set before the fork: see build_train_dataloader.)"""
+    """DataLoader `worker_init_fn`: one OpenCV thread (a worker works a sample at a time; torch's own threads are
+    already 1 there), and numpy and python `random` seeded from the worker's torch seed (distinct per worker)."""
     import random
 
+    cv2.setNumThreads(1)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -208,20 +211,28 @@ def build_train_dataloader(
     world_size: int = 1,
     num_workers: int = 4,
     log: Callable[[str], Any] | None = None,
+    timeout: float = 300.0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """An endless DataLoader of augmented batches for process `rank` of `world_size`, made in worker processes.
 
     For the published pipeline the masks are decoded once first (`pack_train_masks`; `log` hears how many, how big
     and how long). The DataLoader has its own generator, so creating its iterator does not consume the global torch
-    random state (which a resumed run restores from the checkpoint). OpenCV runs on one thread in this process from
-    here on: the pipeline works a sample at a time per worker, and OpenCV's thread pool does not survive a fork (a
-    worker forked after a multi-threaded OpenCV call in this process hangs in its first OpenCV call).
+    random state (which a resumed run restores from the checkpoint). The workers are started by a fork server
+    (`worker_context`), never forked from this multi-threaded process; the packed masks reach them through shared
+    memory. `timeout`: seconds a worker batch may take (see `bounded_batches`); `pin_memory`: page-locked batches,
+    for asynchronous copies to a GPU.
     """
-    cv2.setNumThreads(1)
+    context = worker_context() if num_workers > 0 else None
+    if context is not None:
+        # Start the fork server now: its imports (seconds) overlap the mask decoding instead of delaying the first batch.
+        multiprocessing.forkserver.ensure_running()
     masks = None
     if isinstance(augmentation, AugmentConfig):
         started = time.perf_counter()
         masks = pack_train_masks(rows)
+        if num_workers > 0:
+            masks.share_memory()
         if log is not None:
             log(
                 f"Decoded {len(masks)} train-semi masks once into {masks.nbytes / 2**20:.1f} MiB of runs in "
@@ -238,7 +249,45 @@ def build_train_dataloader(
         generator=torch.Generator().manual_seed(seed + rank),
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        multiprocessing_context=context,
+        timeout=timeout if num_workers > 0 else 0,
+        pin_memory=pin_memory,
     )
+
+
+# Imported once by the fork server, so that each worker (a fork of it) starts with torch, OpenCV, datasets and the
+# augmentation already loaded.
+WORKER_PRELOAD = ["imagenets_hf.training.data"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of the DataLoader workers: `forkserver`. A worker forked from the training process inherits
+    every lock another thread of it holds at that moment (the mask-decoding thread pool's, gloo's, TensorBoard's,
+    tqdm's), held forever in the worker: seen as a worker stuck in its first `cv2.imdecode`, about one 2-process CPU
+    run in three. The fork server is a fresh single-threaded process started once (fork + exec), so its forks inherit
+    no held lock."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once the fork server runs (it has them then)
+    return context
+
+
+def bounded_batches(batches: Iterable[dict[str, torch.Tensor]], timeout: float) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches` from DataLoader workers; a batch that did not come within the DataLoader's `timeout` ends the run
+    with one line (TimeoutError) instead of torch's "DataLoader timed out" RuntimeError."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "DataLoader timed out" not in str(err):
+                raise
+            raise TimeoutError(
+                f"training data: no batch from the DataLoader workers in {timeout:g} s (a worker is stuck or far too "
+                "slow); if a batch can take that long, raise worker_timeout (--worker-timeout)"
+            ) from None
+        yield batch
 
 
 def decode_threads() -> int:

@@ -28,6 +28,9 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoints_total_limit",
         "eval_batch_size",
         "num_workers",  # the samples do not depend on the worker count (see training/data.py)
+        "worker_timeout",
+        "collective_timeout",
+        "prepare_timeout",
     }
 )
 
