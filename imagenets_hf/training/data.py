@@ -12,11 +12,10 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import multiprocessing
 import multiprocessing.forkserver
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +36,7 @@ from imagenets_hf.data.augment import (
 from imagenets_hf.data.augment_device import PixelStore, augment_batch
 from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
 from imagenets_hf.data.transforms import to_tv_tensors
+from imagenets_hf.runtime import worker_context
 
 # Large odd constants mixing (seed, position) into one 63-bit generator seed (splitmix-like, no collisions in
 # practice for the ranges used here).
@@ -220,7 +220,7 @@ def build_train_dataloader(
     and how long). The DataLoader has its own generator, so creating its iterator does not consume the global torch
     random state (which a resumed run restores from the checkpoint). The workers are started by a fork server
     (`worker_context`), never forked from this multi-threaded process; the packed masks reach them through shared
-    memory. `timeout`: seconds a worker batch may take (see `bounded_batches`); `pin_memory`: page-locked batches,
+    memory. `timeout`: seconds a worker batch may take (see `runtime.bounded_batches`); `pin_memory`: page-locked batches,
     for asynchronous copies to a GPU.
     """
     context = worker_context() if num_workers > 0 else None
@@ -253,41 +253,6 @@ def build_train_dataloader(
         timeout=timeout if num_workers > 0 else 0,
         pin_memory=pin_memory,
     )
-
-
-# Imported once by the fork server, so that each worker (a fork of it) starts with torch, OpenCV, datasets and the
-# augmentation already loaded.
-WORKER_PRELOAD = ["imagenets_hf.training.data"]
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The start method of the DataLoader workers: `forkserver`. A worker forked from the training process inherits
-    every lock another thread of it holds at that moment (the mask-decoding thread pool's, gloo's, TensorBoard's,
-    tqdm's), held forever in the worker: seen as a worker stuck in its first `cv2.imdecode`, about one 2-process CPU
-    run in three. The fork server is a fresh single-threaded process started once (fork + exec), so its forks inherit
-    no held lock."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once the fork server runs (it has them then)
-    return context
-
-
-def bounded_batches(batches: Iterable[dict[str, torch.Tensor]], timeout: float) -> Iterator[dict[str, torch.Tensor]]:
-    """`batches` from DataLoader workers; a batch that did not come within the DataLoader's `timeout` ends the run
-    with one line (TimeoutError) instead of torch's "DataLoader timed out" RuntimeError."""
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            if "DataLoader timed out" not in str(err):
-                raise
-            raise TimeoutError(
-                f"training data: no batch from the DataLoader workers in {timeout:g} s (a worker is stuck or far too "
-                "slow); if a batch can take that long, raise worker_timeout (--worker-timeout)"
-            ) from None
-        yield batch
 
 
 def decode_threads() -> int:

@@ -25,14 +25,14 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.runtime import describe_machine
+from imagenets_hf.runtime import bounded_batches, describe_machine
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
     newest_complete_checkpoint,
     save_checkpoint,
 )
-from imagenets_hf.training.data import bounded_batches, build_device_stream, build_train_dataloader
+from imagenets_hf.training.data import build_device_stream, build_train_dataloader
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
@@ -176,6 +176,7 @@ def evaluate(
             batch_size=recipe.eval_batch_size,
             extended=False,
             progress=progress and accelerator.is_main_process,
+            timeout=recipe.worker_timeout,
         )
     model.train(was_training)
     return metrics
@@ -416,7 +417,8 @@ def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, ski
         pin_memory=accelerator.device.type == "cuda",  # else `.to(device, non_blocking=True)` copies synchronously
         **common,
     )
-    return bounded_batches(accelerator.skip_first_batches(loader, skip), recipe.worker_timeout)
+    hint = "if a batch can take that long, raise worker_timeout (--worker-timeout)"
+    return bounded_batches(accelerator.skip_first_batches(loader, skip), recipe.worker_timeout, "training data", hint)
 
 
 def setup_run(
