@@ -219,13 +219,13 @@ def build_train_dataloader(
     For the published pipeline the masks are decoded once first (`pack_train_masks`; `log` hears how many, how big
     and how long). The DataLoader has its own generator, so creating its iterator does not consume the global torch
     random state (which a resumed run restores from the checkpoint). The workers are started by a fork server
-    (`worker_context`), never forked from this multi-threaded process; the packed masks reach them through shared
-    memory. `timeout`: seconds a worker batch may take (see `runtime.bounded_batches`); `pin_memory`: page-locked batches,
-    for asynchronous copies to a GPU.
+    (`runtime.worker_context`), never forked from this multi-threaded process; the packed masks reach them through
+    shared memory. `timeout`: seconds a worker batch may take (see `runtime.bounded_batches`); `pin_memory`:
+    page-locked batches, for asynchronous copies to a GPU.
     """
     context = worker_context() if num_workers > 0 else None
     if context is not None:
-        # Start the fork server now: its imports (seconds) overlap the mask decoding instead of delaying the first batch.
+        # Start the fork server now: its imports (seconds) overlap the mask decoding, not delay the first batch.
         multiprocessing.forkserver.ensure_running()
     masks = None
     if isinstance(augmentation, AugmentConfig):
