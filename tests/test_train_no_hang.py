@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def train_rows(mini_dir):
 def test_workers_start_50_of_50_times_after_a_training_start_up(mini_dir):
     """2 gloo processes, each with the threads of a training run alive (gloo's, tqdm's monitor) and the masks just
     decoded by a thread pool, build the training DataLoader 50 times and take its first batch. Workers forked from
-    that process hung in `cv2.imdecode` in about 1 first batch of 130 (3 of 4 runs of this check failed);
-    workers started by the fork server: 0 of 400."""
+    that process hung in 4 of 400 first batches (2 of 4 runs of this check failed; busy 2-core machine); workers
+    started by the fork server: 0 of 400 (4 runs)."""
     completed = run_two_processes("--check", "workers", "--data-dir", str(mini_dir), "--rounds", "50")
     output = completed.stdout + completed.stderr
     for rank in (0, 1):
@@ -122,3 +123,28 @@ def test_the_wait_for_the_data_preparation_has_its_own_bound(mini_dir):
     waiting = "two_process_start.py: error: process 1: the main process did not finish preparing the data of"
     assert any(line.startswith(waiting) and "within 2 s" in line and "--prepare-timeout" in line for line in errors)
     assert "Traceback" not in completed.stderr
+
+
+def test_setup_run_passes_the_collective_timeout_to_the_process_group(mini_dir, tmp_path, monkeypatch):
+    """accelerate hands `InitProcessGroupKwargs.to_kwargs()` to `init_process_group`: the recipe's
+    collective_timeout must be in it (torch's default would be 600 s for NCCL)."""
+    from imagenets_hf.training import finetune
+    from imagenets_hf.training.recipes import load_recipe
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(finetune, "Accelerator", accelerator)
+    recipe = load_recipe(
+        "demo", {"data_dir": str(mini_dir), "output_dir": str(tmp_path / "run"), "collective_timeout": 42}
+    )
+    with pytest.raises(Stop):
+        finetune.setup_run(recipe, resume=None, overwrite=False, make_mini_dataset=False)
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.to_kwargs() == {"timeout": timedelta(seconds=42)}
