@@ -12,18 +12,59 @@
 - `describe_machine`: the words that name where a figure was measured (the GPU's name, or the CPU and its cores).
 - `set_deterministic`: deterministic algorithms on or off (torch, cuDNN, cuBLAS's workspace), which CUDA training
   needs to repeat itself bit for bit (a resumed run then equals an uninterrupted one, as on the CPU).
+- `worker_context` / `bounded_batches`: how DataLoader workers start (a fork server, never a fork of a
+  multi-threaded process) and how long a batch from them may take.
 - `RssPeak`: the peak resident memory of the process while a block runs, sampled every 2 ms (CPU tensors have no
   allocator statistics; tracemalloc does not see torch's allocations).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import resource
 import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
+
+# Imported once by the fork server, so that each DataLoader worker (a fork of it) starts with torch, OpenCV, datasets,
+# the augmentation and the evaluation's decoding already loaded.
+WORKER_PRELOAD = ["imagenets_hf.training.data", "imagenets_hf.evaluation.inference"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of every DataLoader's workers: `forkserver`. A worker forked from a training process inherits
+    every lock another thread of it holds at that moment (the mask-decoding thread pool's, gloo's, TensorBoard's,
+    tqdm's, a pin-memory thread's), held forever in the worker: seen as a worker stuck in its first `cv2.imdecode`,
+    about one 2-process CPU run in three. The fork server is a fresh single-threaded process started once (fork +
+    exec), so its forks inherit no held lock."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once the fork server runs (it has them then)
+    return context
+
+
+def bounded_batches(batches: Iterable[Any], timeout: float, what: str, hint: str) -> Iterator[Any]:
+    """`batches` from a DataLoader with workers and `timeout`; a batch that did not come in time ends in one line
+    (TimeoutError: "<what>: no batch from the DataLoader workers in N s ...; <hint>") instead of torch's
+    "DataLoader timed out" RuntimeError."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "DataLoader timed out" not in str(err):
+                raise
+            raise TimeoutError(
+                f"{what}: no batch from the DataLoader workers in {timeout:g} s (a worker is stuck or far too slow); "
+                f"{hint}"
+            ) from None
+        yield batch
+
 
 # Precision names -> torch dtypes. "no" is accelerate's name for full precision.
 DTYPE_NAMES: dict[str, torch.dtype] = {

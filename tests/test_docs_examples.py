@@ -41,6 +41,9 @@ DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_LANGUAGES = {"bash": "bash", "sh": "bash", "python": "python"}
 MAIN_JOB = "python scripts/finetune.py"
 BLOCK_TIMEOUT_S = 900
+# pytest-timeout's limit for a test here: the first one to need `doc_runs` also waits for the main job and every
+# document (several minutes on 2 cores, more on a busy machine), beyond the suite's 600 s a test.
+pytestmark = pytest.mark.timeout(2400)
 LANES = 2  # documents run at the same time (the CI machine has 2 cores)
 
 # Blocks shown but not run, by their first line: why not, and what runs the same code instead. The sentence before

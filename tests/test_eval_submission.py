@@ -54,6 +54,7 @@ def run_checker(zip_path, data_dir):
         [sys.executable, str(REPO / "scripts" / "check_submission.py"), str(zip_path), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
+        timeout=300,
     )
 
 

@@ -257,7 +257,7 @@ def test_kill_9_at_random_points_then_resume_finishes_bitwise_equal(mini_dir, st
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             kills += 1
-        process.communicate()
+        process.communicate(timeout=600)
         if (out / "results.json").exists():
             break
     assert kills >= 3
@@ -284,3 +284,34 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_that_works(mini_dir, str
     assert command.startswith("python ") and command.endswith(" --resume")
     run_to_the_end(shlex.split(command)[2:])  # python SCRIPT ARGS...: the same interpreter and script here
     assert_same_weights(straight_cli_run, out)
+
+
+@pytest.mark.parametrize("mistake", ["unknown encoder", "pretrained of another shape"])
+def test_a_failed_start_leaves_the_folder_unclaimed(mistake, mini_dir, tmp_path, monkeypatch, capsys):
+    """A start that fails on the model or its weights writes no recipe.yaml: the corrected command is not refused
+    ("already holds a run"). An unknown encoder name is one line with the close timm names."""
+    from script_runner import run_script
+
+    from imagenets_hf.model.encoder import build_encoder
+    from imagenets_hf.training.run_folder import holds_run
+
+    out = tmp_path / "run"
+    args = ["--data-dir", mini_dir, *cli_args(TINY), "--output-dir", out, "--no-progress"]
+    if mistake == "unknown encoder":
+        args += ["--encoder-name", "vit_smal_patch16_224"]
+    else:
+        wider = {**TINY["encoder_kwargs"], "embed_dim": 48}
+        torch.save(build_encoder("vit_base_patch16_224", wider).state_dict(), tmp_path / "wider.pth")
+        args += ["--pretrained", tmp_path / "wider.pth"]
+    status, lines = run_script("finetune", *args, monkeypatch=monkeypatch, capsys=capsys)
+    errors = [line for line in lines if line.startswith("finetune.py: error: ")]
+    assert status == 1 and len(errors) == 1, lines
+    if mistake == "unknown encoder":
+        assert errors[0].startswith(
+            "finetune.py: error: unknown timm encoder 'vit_smal_patch16_224' (encoder_name, --encoder-name); "
+            "close timm names: vit_small_patch16_224, "
+        ), errors
+    else:
+        assert "shape mismatch" in errors[0], errors
+    assert not holds_run(out)
+    check_output_dir(tiny_recipe(mini_dir, out), resume=None, overwrite=False)  # the corrected command may start

@@ -5,11 +5,14 @@ images), and decoding a 16-bit PNG mask is a third of a worker's time per sample
 of a few KB). A mask is stored as its runs in row-major order (an id and a length each); expanding it (`np.repeat`)
 costs about a fifth of the PNG decode, and the ids are the same. A mask with more runs than a third of its pixels
 (noise-like) is stored as it is. Everything lives in a few flat arrays: DataLoader workers forked after packing share
-them page for page (reading never copies them), and a spawned worker gets one pickled copy.
+them page for page (reading never copies them); for workers started by `forkserver` or `spawn`, `share_memory()`
+moves them into shared memory once, and each worker's pickle then carries handles to the same pages (torch's
+multiprocessing reductions of tensors), not the bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,10 +67,42 @@ class PackedMasks:
 
     @property
     def nbytes(self) -> int:
-        return sum(array.nbytes for array in vars(self).values())
+        return sum(array.nbytes for array in self._arrays().values())
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def share_memory(self) -> PackedMasks:
+        """Move the arrays into shared memory (as torch tensors, viewed as numpy arrays); returns self. Pickling it
+        afterwards (a worker's start) sends shared-memory handles through torch's multiprocessing reductions."""
+        import torch
+
+        if getattr(self, "_tensors", None) is None:
+            tensors = {name: torch.from_numpy(array).share_memory_() for name, array in self._arrays().items()}
+            for name, tensor in tensors.items():
+                setattr(self, name, tensor.numpy())  # a view that keeps the tensor alive
+            self._tensors = tensors
+        return self
+
+    def __reduce__(self):
+        tensors = getattr(self, "_tensors", None)
+        if tensors is None:
+            return (_from_arrays, (self._arrays(),))
+        return (_from_tensors, (tensors,))
 
     def __getitem__(self, index: int) -> np.ndarray:
         values = self.values[self.value_offsets[index] : self.value_offsets[index + 1]]
         first, last = self.length_offsets[index], self.length_offsets[index + 1]
         flat = np.repeat(values, self.lengths[first:last]) if last > first else values.copy()
         return flat.reshape(int(self.heights[index]), int(self.widths[index]))
+
+
+def _from_arrays(arrays: dict[str, np.ndarray]) -> PackedMasks:
+    return PackedMasks(**arrays)
+
+
+def _from_tensors(tensors: dict) -> PackedMasks:
+    """Unpickled in a worker: views of the shared-memory tensors (shared again if the worker pickles it)."""
+    masks = PackedMasks(**{name: tensor.numpy() for name, tensor in tensors.items()})
+    masks._tensors = tensors
+    return masks

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask
 from imagenets_hf.evaluation.metrics import SIZE_BUCKET_NAMES, SegmentationEvaluator
-from imagenets_hf.runtime import autocast_dtype, resolve_dtype
+from imagenets_hf.runtime import autocast_dtype, bounded_batches, resolve_dtype, worker_context
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -150,6 +150,7 @@ def evaluate_model(
     num_workers: int = 2,
     num_labels: int | None = None,
     ignore_index: int | None = None,
+    timeout: float = 300.0,
 ) -> dict[str, Any]:
     """Evaluate a segmentation model on rows with `image` and `annotation` by the official protocol.
 
@@ -166,8 +167,10 @@ def evaluate_model(
         extended: also compute the per-image official metrics (image accuracy, boundary IoU, size mIoU, F-measure).
         progress: show a tqdm bar on the main process.
         dtype: autocast dtype; by default the accelerator's mixed precision on CUDA, else full precision.
-        num_workers: DataLoader workers decoding images and masks.
+        num_workers: DataLoader workers decoding images and masks (started by a fork server:
+            `runtime.worker_context`).
         num_labels, ignore_index: default to the model config's.
+        timeout: seconds a batch from the workers may take before the evaluation stops with one line.
 
     Returns:
         `SegmentationEvaluator.compute()`'s dict ("mIoU", "per_class_iou", the HF mean_iou keys, ...).
@@ -183,13 +186,22 @@ def evaluate_model(
         dtype = autocast_dtype(accelerator.mixed_precision)
     rank, world_size = _process_info(accelerator)
     shard = shard_dataset(dataset, rank, world_size)
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_rows, shuffle=False)
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_rows,
+        shuffle=False,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
+        timeout=timeout if num_workers > 0 else 0,
+    )
+    batches = bounded_batches(loader, timeout, "evaluation data", "pass a longer timeout (worker_timeout in training)")
     evaluator = SegmentationEvaluator(num_labels, ignore_index=ignore_index, device=device, extended=extended)
     was_training = bare_model.training
     bare_model.eval()
     try:
         total = len(loader) if hasattr(shard, "__len__") else None
-        for batch in tqdm(loader, total=total, disable=not progress or rank != 0, desc="evaluate"):
+        for batch in tqdm(batches, total=total, disable=not progress or rank != 0, desc="evaluate"):
             images = [image for image, _, _ in batch]
             predictions = predict_segmentation_tensors(bare_model, image_processor, images, device, dtype, batch_size)
             for prediction, (_, annotation, image_id) in zip(predictions, batch):

@@ -24,6 +24,7 @@ and siblings: a saved folder loads with `trust_remote_code=True` where imagenets
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Sequence
 
@@ -65,6 +66,7 @@ def build_encoder(
         "dynamic_img_size": True,
         **dict(encoder_kwargs or {}),
     }
+    check_encoder_name(encoder_name)
     try:
         encoder = timm.create_model(encoder_name, **kwargs)
     except TypeError as error:  # a family whose constructor has no dynamic_img_size cannot take any input size
@@ -95,6 +97,16 @@ def drop_path_only_on_mlp(encoder: nn.Module) -> None:
                 f"block {index} is a {type(block).__name__}: use 'both'"
             )
         block.drop_path1 = nn.Identity()
+
+
+def check_encoder_name(encoder_name: str) -> None:
+    """ValueError naming the closest timm model names when `encoder_name` is not one (timm's own error is a bare
+    "Unknown model"). Names with a scheme (`hf-hub:...`, `local-dir:...`) are left to timm."""
+    if ":" in encoder_name or timm.is_model(encoder_name):
+        return
+    close = difflib.get_close_matches(encoder_name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close timm names: {', '.join(close)}" if close else ""
+    raise ValueError(f"unknown timm encoder {encoder_name!r} (encoder_name, --encoder-name){hint}")
 
 
 def is_reference_vit(encoder: nn.Module) -> bool:

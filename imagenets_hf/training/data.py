@@ -12,6 +12,7 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from imagenets_hf.data.augment import (
 from imagenets_hf.data.augment_device import HostStaging, PixelStore, augment_batch
 from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
 from imagenets_hf.data.transforms import to_tv_tensors
+from imagenets_hf.runtime import worker_context
 
 # Large odd constants mixing (seed, position) into one 63-bit generator seed (splitmix-like, no collisions in
 # practice for the ranges used here).
@@ -193,10 +195,11 @@ def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy and python `random` from the worker's torch seed (distinct per
-    worker). (One OpenCV thread per worker is set before the fork: see build_train_dataloader.)"""
+    """DataLoader `worker_init_fn`: one OpenCV thread (a worker works a sample at a time; torch's own threads are
+    already 1 there), and numpy and python `random` seeded from the worker's torch seed (distinct per worker)."""
     import random
 
+    cv2.setNumThreads(1)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -211,20 +214,28 @@ def build_train_dataloader(
     world_size: int = 1,
     num_workers: int = 4,
     log: Callable[[str], Any] | None = None,
+    timeout: float = 300.0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """An endless DataLoader of augmented batches for process `rank` of `world_size`, made in worker processes.
 
     For the published pipeline the masks are decoded once first (`pack_train_masks`; `log` hears how many, how big
     and how long). The DataLoader has its own generator, so creating its iterator does not consume the global torch
-    random state (which a resumed run restores from the checkpoint). OpenCV runs on one thread in this process from
-    here on: the pipeline works a sample at a time per worker, and OpenCV's thread pool does not survive a fork (a
-    worker forked after a multi-threaded OpenCV call in this process hangs in its first OpenCV call).
+    random state (which a resumed run restores from the checkpoint). The workers are started by a fork server
+    (`runtime.worker_context`), never forked from this multi-threaded process; the packed masks reach them through
+    shared memory. `timeout`: seconds a worker batch may take (see `runtime.bounded_batches`); `pin_memory`:
+    page-locked batches, for asynchronous copies to a GPU.
     """
-    cv2.setNumThreads(1)
+    context = worker_context() if num_workers > 0 else None
+    if context is not None:
+        # Start the fork server now: its imports (seconds) overlap the mask decoding, not delay the first batch.
+        multiprocessing.forkserver.ensure_running()
     masks = None
     if isinstance(augmentation, AugmentConfig):
         started = time.perf_counter()
         masks = pack_train_masks(rows)
+        if num_workers > 0:
+            masks.share_memory()
         if log is not None:
             log(
                 f"Decoded {len(masks)} train-semi masks once into {masks.nbytes / 2**20:.1f} MiB of runs in "
@@ -241,6 +252,9 @@ def build_train_dataloader(
         generator=torch.Generator().manual_seed(seed + rank),
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        multiprocessing_context=context,
+        timeout=timeout if num_workers > 0 else 0,
+        pin_memory=pin_memory,
     )
 
 

@@ -13,18 +13,19 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_compiled_module, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
-from imagenets_hf.runtime import describe_machine, make_accelerator, set_deterministic, set_tf32
+from imagenets_hf.runtime import bounded_batches, describe_machine, make_accelerator, set_deterministic, set_tf32
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
     checkpoints_dir,
@@ -64,12 +65,12 @@ def prepare_data(
 ) -> tuple[Any, Any, list[str]]:
     """(train_semi rows, validation rows, class names) of `recipe.data_dir`. The synthetic mini dataset is made there
     only when asked (`make_mini_dataset`) or at the demo recipe's own default folder; any other missing folder is an
-    error. The main process builds the Arrow cache, the others then read it."""
+    error. The main process builds the Arrow cache, the others then read it (waiting for it at most
+    `recipe.prepare_timeout` seconds)."""
     from imagenets_hf.data.imagenets import class_names, default_synset_words, load_imagenets
 
     data_dir = Path(recipe.data_dir)
-    context = accelerator.main_process_first() if accelerator is not None else nullcontext()
-    with context:
+    with main_process_first(accelerator, recipe.prepare_timeout, f"the data of {data_dir}"):
         if not data_dir.exists() and (make_mini_dataset or _is_demo_data_dir(recipe)):
             from imagenets_hf.data.mini import ensure_mini_dataset
 
@@ -89,6 +90,40 @@ def prepare_data(
             f"{recipe.num_labels}; pass --subset matching the data"
         )
     return train_rows, val_rows, names
+
+
+@contextmanager
+def main_process_first(accelerator: Accelerator | None, timeout: float, what: str) -> Iterator[None]:
+    """`accelerator.main_process_first()` with the other processes' wait bounded by `timeout` seconds of its own
+    (a barrier of a gloo group made for it), not by the collectives' timeout: building the Arrow cache of a full
+    split can take longer than that (minutes on one core, more on a slow disk). A wait past `timeout` ends in one
+    line naming `what`."""
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def wait() -> None:
+        try:
+            dist.barrier(group=group)
+        except RuntimeError as err:  # gloo's timeout (DistBackendError), or a process gone
+            if accelerator.is_main_process:
+                happened = f"the other processes stopped waiting while it prepared {what} (over {timeout:g} s)"
+            else:
+                happened = f"the main process did not finish preparing {what} within {timeout:g} s"
+            raise TimeoutError(
+                f"process {accelerator.process_index}: {happened} ({type(err).__name__}); raise prepare_timeout "
+                "(--prepare-timeout) if it can take that long"
+            ) from None
+
+    if not accelerator.is_main_process:
+        wait()
+    yield
+    if accelerator.is_main_process:
+        wait()
+    dist.destroy_process_group(group)
 
 
 def _is_demo_data_dir(recipe: Recipe) -> bool:
@@ -145,6 +180,7 @@ def evaluate(
             batch_size=recipe.eval_batch_size,
             extended=False,
             progress=progress and accelerator.is_main_process,
+            timeout=recipe.worker_timeout,
         )
     model.train(was_training)
     return metrics
@@ -385,15 +421,23 @@ def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, ski
         )
         return stream.skip(skip)
     loader = build_train_dataloader(
-        train_rows, augmentation, num_workers=recipe.num_workers, log=accelerator.print, **common
+        train_rows,
+        augmentation,
+        num_workers=recipe.num_workers,
+        log=accelerator.print,
+        timeout=recipe.worker_timeout,
+        pin_memory=accelerator.device.type == "cuda",  # else `.to(device, non_blocking=True)` copies synchronously
+        **common,
     )
-    return iter(accelerator.skip_first_batches(loader, skip))
+    hint = "if a batch can take that long, raise worker_timeout (--worker-timeout)"
+    return bounded_batches(accelerator.skip_first_batches(loader, skip), recipe.worker_timeout, "training data", hint)
 
 
 def setup_run(
     recipe: Recipe, resume: str | None, overwrite: bool, make_mini_dataset: bool, progress: bool = True
 ) -> TrainingRun:
-    """Claim the output folder, build the data, model, optimizer and schedule, and restore a checkpoint to resume."""
+    """Build the data, model and weights, claim the output folder, build the optimizer and schedule, and restore a
+    checkpoint to resume."""
     check_output_dir(recipe, resume, overwrite)  # on every process, before anything is written
     set_deterministic(recipe.deterministic)  # before the first cuBLAS call (see runtime.set_deterministic)
     accelerator = make_accelerator(
@@ -407,14 +451,12 @@ def setup_run(
         dynamo_backend=COMPILE_BACKEND if recipe.compile else "no",
         step_scheduler_with_optimizer=False,
         cpu=_multi_process_without_accelerator(),
+        # Every collective waits at most this long (torch's default: 10 min for NCCL, 30 for gloo), then fails.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.collective_timeout))],
     )
     tf32 = set_tf32(recipe.tf32, accelerator.device)
     accumulation = recipe.gradient_accumulation_steps(accelerator.num_processes)
-    # The data first: a wrong data folder must fail before the output folder is claimed.
     train_rows, val_rows, names = prepare_data(recipe, accelerator, make_mini_dataset)
-    if accelerator.is_main_process:
-        claim_output_dir(recipe, resume, overwrite)
-    accelerator.wait_for_everyone()
     print_main = accelerator.print
     if recipe.mixed_precision == "fp16" and not accelerator.native_amp:
         # accelerate enables fp16 autocast + GradScaler only on GPUs; say so rather than silently train in fp32
@@ -424,7 +466,7 @@ def setup_run(
     if recipe.pretrained and resume is None:
         from imagenets_hf.model.convert import load_pretrained_encoder
 
-        with accelerator.main_process_first():
+        with main_process_first(accelerator, recipe.prepare_timeout, f"the pretrained weights {recipe.pretrained}"):
             load_pretrained_encoder(
                 model,
                 recipe.pretrained,
@@ -438,6 +480,11 @@ def setup_run(
             f"note: {len(frozen)} parameters never reach the loss ({frozen[0]} ... {frozen[-1]}); they are frozen, "
             "so that DDP does not wait for their gradients"
         )
+    # Claimed only now that the data, the model and its weights are ready: a start that fails on one of them (a
+    # wrong folder, an unknown encoder, a checkpoint of another shape) leaves the folder as it was.
+    if accelerator.is_main_process:
+        claim_output_dir(recipe, resume, overwrite)
+    accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
             # torch's SyncBatchNorm has no CPU kernel; DDP broadcasts rank 0's BN buffers instead.

@@ -159,6 +159,17 @@ class Recipe:
     checkpoint_interval: int = _option(360, help="save a checkpoint every N iterations (0: none)")
     checkpoints_total_limit: int = _option(2, help="keep this many newest checkpoints")
     log_interval: int = _option(10, help="log loss and lr to TensorBoard every N iterations (0: never)")
+    worker_timeout: float = _option(
+        300.0, help="seconds a training batch from the DataLoader workers may take before the run stops with a message"
+    )
+    collective_timeout: float = _option(
+        1800.0, help="seconds a collective between processes (NCCL, gloo) may wait before the run stops"
+    )
+    prepare_timeout: float = _option(
+        7200.0,
+        help="seconds the other processes wait for the main process to build the data's Arrow cache (or fetch the "
+        "pretrained weights) before stopping",
+    )
     output_dir: str = _option("outputs/custom", help="where the model, recipe.yaml, checkpoints and logs go")
 
     def __post_init__(self) -> None:
@@ -194,6 +205,9 @@ class Recipe:
         for name in ("val_interval", "checkpoint_interval", "log_interval", "warmup_iters", "num_workers"):
             if getattr(self, name) < 0:
                 fail("{} must not be negative", name)
+        for name in ("worker_timeout", "collective_timeout", "prepare_timeout"):
+            if not getattr(self, name) > 0:
+                fail("{} must be positive (seconds)", name)
         if self.warmup_iters >= self.max_iters:
             fail("{} must be smaller than {}", "warmup_iters", "max_iters")
         if self.global_batch_size % self.per_device_batch_size:

@@ -29,6 +29,9 @@ RESUMABLE_FIELDS = frozenset(
         "eval_batch_size",
         "num_workers",  # the samples do not depend on the worker count (see training/data.py)
         "compile",  # the same model and arithmetic; checkpoints hold the uncompiled module's names either way
+        "worker_timeout",
+        "collective_timeout",
+        "prepare_timeout",
     }
 )
 
