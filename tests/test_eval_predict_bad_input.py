@@ -117,3 +117,15 @@ def test_decompression_bomb_limits_become_our_lines(saved_model, tmp_path, monke
             "unreadable images)"
         ],
     )
+
+
+def test_workers_that_send_no_batch_end_in_one_line(saved_model, images, tmp_path):
+    """predict_folder's DataLoader workers (fork server) are waited for at most `timeout` seconds: a limit far below a
+    worker's start-up (a process start and its imports) ends in one line naming what was waited for."""
+    from imagenets_hf.evaluation.predict import predict_folder
+    from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
+
+    model = ViTFCNForSemanticSegmentation.from_pretrained(saved_model)
+    processor = ViTFCNImageProcessor.from_pretrained(saved_model)
+    with pytest.raises(TimeoutError, match=r"^prediction images: no batch from the DataLoader workers in 0.001 s"):
+        predict_folder(model, processor, images, tmp_path / "pred", num_workers=1, progress=False, timeout=0.001)

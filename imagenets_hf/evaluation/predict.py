@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
 from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
 from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
+from imagenets_hf.runtime import bounded_batches, worker_context
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # Smaller than one 16-pixel ViT patch on a side: predicted (the processor upsamples it) but the result means little.
@@ -152,6 +153,7 @@ def predict_folder(
     rank: int = 0,
     world_size: int = 1,
     skip_bad: bool = False,
+    timeout: float = 300.0,
 ) -> FolderPrediction:
     """Predict every image under `images_dir` and write `<out_dir>/<wnid>/<name>.png` (official encoding).
 
@@ -163,10 +165,11 @@ def predict_folder(
         dtype: autocast dtype ("bf16", "fp16") or None for full precision.
         overlay_dir: also write `<overlay_dir>/<wnid>/<name>.jpg` overlays (image | ground truth | prediction).
         masks_dir: ground-truth masks for the overlays (default: `<images_dir>-segmentation` when it exists).
-        num_workers: DataLoader workers decoding images.
+        num_workers: DataLoader workers decoding images (started by a fork server: `runtime.worker_context`).
         rank, world_size: this process's share (every world_size-th image), for multi-process prediction.
         skip_bad: skip images that cannot be read (listed in the result) instead of raising ValueError naming the
             first one.
+        timeout: seconds a batch from the workers may take before the prediction stops with one line.
 
     Warnings about an image (too small, very large: see `read_image`) are printed to stderr as it is predicted.
 
@@ -184,11 +187,17 @@ def predict_folder(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        _ImageFolder(images_root, relative_paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+        _ImageFolder(images_root, relative_paths),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
+        timeout=timeout if num_workers > 0 else 0,
     )
+    batches = bounded_batches(loader, timeout, "prediction images", "pass a longer timeout")
     result = FolderPrediction()
     try:
-        for batch in tqdm(loader, disable=not progress or rank != 0, desc="predict"):
+        for batch in tqdm(batches, total=len(loader), disable=not progress or rank != 0, desc="predict"):
             for item in batch:
                 for note in item.notes:
                     tqdm.write(f"warning: {note}", file=sys.stderr)
