@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny_runs import TINY_RECIPE, cli_args
 
@@ -94,6 +95,26 @@ def test_resume_refuses_another_recipe_naming_the_fields(mini_dir, straight_run,
         finetune(tiny_recipe(mini_dir, straight_run, lr=0.01, crop_size=48), resume="latest", progress=False)
     with pytest.raises(RunFolderError, match="nothing to resume"):
         finetune(tiny_recipe(mini_dir, tmp_path / "empty"), resume="latest", progress=False)
+
+
+def test_a_recipe_recorded_before_a_field_existed_keeps_the_behaviour_of_then(tmp_path):
+    """A run folder whose recipe.yaml predates `drop_path_branches` trained with drop path on both branches (the field's
+    later default is "mlp"): resuming it with today's default is refused naming the field, and evaluating one of its
+    checkpoints builds the model as it trained."""
+    from imagenets_hf.training.run_folder import load_run_recipe
+
+    recipe = load_recipe("demo", {"output_dir": str(tmp_path / "old-run")})
+    assert recipe.drop_path_branches == "mlp"
+    recorded = recipe.to_dict()
+    del recorded["drop_path_branches"]
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "recipe.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    assert load_run_recipe(tmp_path / "old-run" / "recipe.yaml").drop_path_branches == "both"
+    with pytest.raises(RunFolderError, match=r"different recipe \(drop_path_branches: 'both' there, 'mlp' now\)"):
+        check_output_dir(recipe, "latest", overwrite=False)
+    check_output_dir(
+        load_recipe("demo", {"output_dir": recipe.output_dir, "drop_path_branches": "both"}), "latest", False
+    )
 
 
 def test_resume_may_change_the_budget_and_the_intervals(mini_dir, straight_run, tmp_path):

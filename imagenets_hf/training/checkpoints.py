@@ -65,8 +65,7 @@ def load_checkpoint_model(path: str | os.PathLike, names: list[str] | None = Non
 
     from imagenets_hf.data.imagenets import class_names, default_synset_words
     from imagenets_hf.training.finetune import build_image_processor, build_model
-    from imagenets_hf.training.recipes import load_recipe
-    from imagenets_hf.training.run_folder import RECIPE_FILE_NAME
+    from imagenets_hf.training.run_folder import RECIPE_FILE_NAME, load_run_recipe
 
     path = Path(path)
     recipe_file = checkpoint_run_folder(path) / RECIPE_FILE_NAME
@@ -75,7 +74,7 @@ def load_checkpoint_model(path: str | os.PathLike, names: list[str] | None = Non
             f"{path}: a training checkpoint, but its run folder holds no {RECIPE_FILE_NAME} ({recipe_file}), which says "
             "how to build its model"
         )
-    recipe = load_recipe(recipe_file)
+    recipe = load_run_recipe(recipe_file)
     if names is None:
         try:
             names = class_names(recipe.data_dir, recipe.synset_words or default_synset_words(recipe.data_dir))

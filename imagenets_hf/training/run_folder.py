@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imagenets_hf.training.checkpoints import checkpoints_dir
-from imagenets_hf.training.recipes import Recipe, load_recipe
+from imagenets_hf.training.recipes import Recipe, load_recipe, read_overrides
 
 RECIPE_FILE_NAME = "recipe.yaml"
 RESUMABLE_FIELDS = frozenset(
@@ -34,6 +34,18 @@ RESUMABLE_FIELDS = frozenset(
         "prepare_timeout",
     }
 )
+
+
+# What a `recipe.yaml` written before a field existed stands for: the behaviour runs had then (a later default must not
+# be read into an older run; a resumed run would otherwise change it half-way without a word).
+VALUES_BEFORE_FIELD = {"drop_path_branches": "both"}
+
+
+def load_run_recipe(recipe_file: str | os.PathLike) -> Recipe:
+    """The recipe a run folder recorded (`recipe.yaml`), with `VALUES_BEFORE_FIELD` for the fields it predates."""
+    recorded = read_overrides(recipe_file)
+    predated = {name: value for name, value in VALUES_BEFORE_FIELD.items() if name not in recorded}
+    return load_recipe(recipe_file, predated, {name: f"{recipe_file} (written before {name})" for name in predated})
 
 
 class RunFolderError(ValueError):
@@ -76,7 +88,7 @@ def check_output_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Non
                     "start again with --overwrite"
                 )
             return  # a checkpoint folder given explicitly, into a new run folder
-        differences = recipe_differences(load_recipe(recipe_file), recipe)
+        differences = recipe_differences(load_run_recipe(recipe_file), recipe)
         if differences:
             listed = "; ".join(f"{name}: {old!r} there, {new!r} now" for name, (old, new) in differences.items())
             raise RunFolderError(
