@@ -136,11 +136,11 @@ def test_setup_run_passes_the_collective_timeout_to_the_process_group(mini_dir, 
     class Stop(Exception):
         pass
 
-    def accelerator(**kwargs):
+    def make_accelerator(**kwargs):
         seen.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(finetune, "Accelerator", accelerator)
+    monkeypatch.setattr(finetune, "make_accelerator", make_accelerator)
     recipe = load_recipe(
         "demo", {"data_dir": str(mini_dir), "output_dir": str(tmp_path / "run"), "collective_timeout": 42}
     )
