@@ -36,6 +36,46 @@ def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+# Most float32 elements of one resized chunk of logits (64 MiB): bounds post-processing's memory at any class count.
+RESIZE_CHUNK_ELEMENTS = 2**24
+
+
+def resized_argmax(logits: torch.Tensor, size: tuple[int, int], chunk_elements: int | None = None) -> torch.Tensor:
+    """`F.interpolate(logits[None].float(), size, mode="bilinear", align_corners=False).argmax(dim=1)[0]`, bit for
+    bit, without holding the resized logits of all classes: chunks of classes, at most `chunk_elements` resized
+    values each (default `RESIZE_CHUNK_ELEMENTS`; at least one class), are resized one after the other and merged into
+    a running max and argmax. Returns int64 class ids of shape `size`.
+
+    Exact because the contiguous (NCHW) bilinear kernel computes each channel on its own (a chunk's channels come out
+    as they do in the whole tensor; tests/test_eval_post_processing.py), `max(dim=0)` keeps the first of equal values
+    as `argmax` does, and a later chunk replaces the running max only where it is strictly greater, or NaN where the
+    running max is not (argmax takes the first NaN): ties go to the lowest class id. Each chunk is made contiguous:
+    the logits of a batch of several images come out channels-last, and the channels-last kernel rounds differently
+    (and differently again for chunks that are not a multiple of its vector width), so a class map would depend on
+    the batch it came in. `logits`: C x h x w of any float dtype, upcast to float32 as the protocol always did.
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"expected C x h x w logits, got shape {tuple(logits.shape)}")
+    num_classes = logits.shape[0]
+    chunk_elements = RESIZE_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    step = max(1, min(num_classes, chunk_elements // max(1, size[0] * size[1])))
+    best_value = best_index = None
+    for start in range(0, num_classes, step):
+        chunk = logits[None, start : start + step].float().contiguous()
+        resized = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
+        del chunk
+        value, index = resized[0].max(dim=0)
+        del resized  # before the next chunk is resized: one chunk alive at a time
+        if best_value is None:
+            best_value, best_index = value, index
+            continue
+        better = (value > best_value) | (value.isnan() & ~best_value.isnan())
+        torch.where(better, value, best_value, out=best_value)
+        torch.where(better, index + start, best_index, out=best_index)
+        del value, index, better
+    return best_index
+
+
 def _to_rgb_pil(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -282,7 +322,8 @@ class ViTFCNImageProcessor(BaseImageProcessor):
         """Class-id maps (int64 tensors) from model outputs.
 
         With `target_sizes` (the original (height, width) of each image), the logits are resized bilinearly
-        (align_corners False) to each size and argmaxed; for images with more than `max_pixels` pixels the logits
+        (align_corners False) to each size and argmaxed (`resized_argmax`: the same map as resizing all classes at
+        once, computed in channel chunks so that memory stays bounded at any number of classes); for images with more than `max_pixels` pixels the logits
         go to the long-side-`large_image_long_side` size and the argmax is upsampled nearest to the original size.
         Without `target_sizes`, the argmax at the logits' resolution.
         """
@@ -295,12 +336,12 @@ class ViTFCNImageProcessor(BaseImageProcessor):
         for image_logits, target_size in zip(logits, target_sizes):
             height, width = (int(v) for v in target_size)
             working = self.working_size(height, width)
-            resized = F.interpolate(image_logits[None].float(), size=working, mode="bilinear", align_corners=False)
-            prediction = resized.argmax(dim=1)
+            prediction = resized_argmax(image_logits, working)
             if working != (height, width):
-                prediction = F.interpolate(prediction[None].float(), size=(height, width), mode="nearest")[0].long()
-            results.append(prediction[0])
+                prediction = F.interpolate(prediction[None, None].float(), size=(height, width), mode="nearest")
+                prediction = prediction[0, 0].long()
+            results.append(prediction)
         return results
 
 
-__all__ = ["ViTFCNImageProcessor", "rescale_size", "long_side_size"]
+__all__ = ["ViTFCNImageProcessor", "rescale_size", "long_side_size", "resized_argmax"]

@@ -1,0 +1,123 @@
+"""Post-processing in channel chunks (`resized_argmax`): the class map of a full bilinear resize + argmax, bit for bit,
+with ties, NaN, low-precision logits and batches of several images, and memory bounded by the chunk size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from imagenets_hf.model import image_processing_vit_fcn
+from imagenets_hf.model.image_processing_vit_fcn import ViTFCNImageProcessor, resized_argmax
+
+
+def full_resize_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The reference: all classes resized at once (NCHW, float32), then torch's argmax (first maximum wins)."""
+    return F.interpolate(logits[None].float().contiguous(), size=size, mode="bilinear", align_corners=False).argmax(1)[
+        0
+    ]
+
+
+@pytest.mark.parametrize(
+    "num_classes, low, size, chunk_classes",
+    [
+        (920, (12, 16), (75, 100), 89),  # the 375x500 step at a fifth of the size
+        (920, (12, 16), (37, 50), 1),  # one class at a time
+        (920, (9, 7), (40, 31), 100),  # odd chunk, last chunk short
+        (5, (16, 21), (48, 64), 2),
+        (1, (4, 4), (10, 10), 1),
+        (7, (20, 20), (9, 11), 3),  # downsampling
+    ],
+)
+def test_resized_argmax_equals_the_full_resize(num_classes, low, size, chunk_classes):
+    torch.manual_seed(num_classes + size[0])
+    logits = torch.randn(num_classes, *low)
+    result = resized_argmax(logits, size, chunk_elements=chunk_classes * size[0] * size[1])
+    assert result.dtype == torch.int64 and result.shape == size
+    assert torch.equal(result, full_resize_argmax(logits, size))
+
+
+def test_ties_go_to_the_lowest_class_across_chunks():
+    torch.manual_seed(1)
+    logits = torch.randn(64, 6, 8)
+    logits[40] = logits[3]  # an exact copy in a later chunk: class 3 must win wherever it is the maximum
+    logits[41] = logits[3] + 10  # ... and a later class, tied with its own copy at 63, strictly above everything
+    logits[63] = logits[41]
+    size = (30, 40)
+    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40)  # chunks of 16 classes: 41 and 63 apart
+    assert torch.equal(result, full_resize_argmax(logits, size))
+    assert (result == 41).all()  # by hand: 41 is 10 above every other class except its copy 63
+    logits[41] = logits[63] = -100
+    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40)
+    assert torch.equal(result, full_resize_argmax(logits, size))
+    assert not (result == 40).any() and (result == 3).any()  # 3 and its copy 40 tie: 3 everywhere they lead
+
+    constant = torch.zeros(920, 5, 5)
+    assert (resized_argmax(constant, (20, 20), chunk_elements=7 * 400) == 0).all()
+
+
+def test_nan_logits_give_torchs_argmax():
+    torch.manual_seed(2)
+    logits = torch.randn(48, 5, 6)
+    logits[30, 2, 3] = float("nan")  # a later chunk: NaN counts as the maximum, as in torch.argmax
+    logits[35, 2, 3] = float("nan")
+    logits[5, 0, 0] = float("nan")
+    size = (20, 24)
+    result = resized_argmax(logits, size, chunk_elements=8 * 20 * 24)
+    assert torch.equal(result, full_resize_argmax(logits, size))
+    assert (result == 30).any() and (result == 5).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_are_upcast_first(dtype):
+    torch.manual_seed(3)
+    logits = torch.randn(100, 8, 10).to(dtype)
+    result = resized_argmax(logits, (33, 41), chunk_elements=13 * 33 * 41)
+    assert torch.equal(result, full_resize_argmax(logits.float(), (33, 41)))
+
+
+def _near_tie_batch() -> torch.Tensor:
+    """Two images whose classes come in pairs one float32 step apart: the channels-last and the contiguous bilinear
+    kernels round differently, which flips such near ties (about 1,500 of 4,800 pixels here)."""
+    torch.manual_seed(4)
+    base = torch.randn(2, 16, 6, 8)
+    logits = torch.empty(2, 32, 6, 8)
+    logits[:, 0::2] = base
+    logits[:, 1::2] = torch.nextafter(base, torch.tensor(float("inf")))
+    return logits.contiguous(memory_format=torch.channels_last)  # as the model returns a batch of several images
+
+
+def test_a_channels_last_batch_gives_each_image_its_single_image_map():
+    logits = _near_tie_batch()
+    processor = ViTFCNImageProcessor()
+    outputs = transformers.modeling_outputs.SemanticSegmenterOutput(logits=logits)
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 80), (60, 80)])
+    for image_logits, prediction in zip(logits, maps):
+        alone = processor.post_process_semantic_segmentation(image_logits[None].contiguous(), target_sizes=[(60, 80)])
+        assert torch.equal(prediction, alone[0])
+        assert torch.equal(prediction, full_resize_argmax(image_logits, (60, 80)))
+
+
+def test_post_processing_never_resizes_more_than_a_chunk(monkeypatch):
+    torch.manual_seed(5)
+    logits = torch.randn(2, 40, 4, 5)
+    sizes = [(30, 40), (1200, 1000)]  # the second goes through long side 1000 (1000 x 833)
+    monkeypatch.setattr(image_processing_vit_fcn, "RESIZE_CHUNK_ELEMENTS", 2**20)
+    largest = []
+    interpolate = F.interpolate
+
+    def recording_interpolate(tensor, *args, **kwargs):
+        output = interpolate(tensor, *args, **kwargs)
+        if kwargs.get("mode") == "bilinear":  # not the nearest upsampling of the large image's class map
+            largest.append(output.numel())
+        return output
+
+    monkeypatch.setattr(F, "interpolate", recording_interpolate)
+    maps = ViTFCNImageProcessor().post_process_semantic_segmentation(logits, target_sizes=sizes)
+    monkeypatch.undo()
+    assert max(largest) <= 2**20  # chunks of at most 2**20 floats, never 40 x 1000 x 833 of them
+    assert torch.equal(maps[0], full_resize_argmax(logits[0], (30, 40)))
+    working = full_resize_argmax(logits[1], (1000, 833))
+    expected = F.interpolate(working[None, None].float(), size=(1200, 1000), mode="nearest")[0, 0].long()
+    assert torch.equal(maps[1], expected)
