@@ -23,57 +23,64 @@ def full_resize_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     "num_classes, low, size, chunk_classes",
     [
         (920, (12, 16), (75, 100), 89),  # the 375x500 step at a fifth of the size
-        (920, (12, 16), (37, 50), 1),  # one class at a time
+        (100, (12, 16), (37, 50), 1),  # one class at a time
         (920, (9, 7), (40, 31), 100),  # odd chunk, last chunk short
         (5, (16, 21), (48, 64), 2),
         (1, (4, 4), (10, 10), 1),
         (7, (20, 20), (9, 11), 3),  # downsampling
     ],
 )
-def test_resized_argmax_equals_the_full_resize(num_classes, low, size, chunk_classes):
+@pytest.mark.parametrize("scale", [1.0, 3e-4])  # 3e-4: the spread of a random model's logits
+@pytest.mark.parametrize("method", ["chunks", "bounds"])
+def test_resized_argmax_equals_the_full_resize(num_classes, low, size, chunk_classes, scale, method):
     torch.manual_seed(num_classes + size[0])
-    logits = torch.randn(num_classes, *low)
-    result = resized_argmax(logits, size, chunk_elements=chunk_classes * size[0] * size[1])
+    logits = torch.randn(num_classes, *low) * scale
+    result = resized_argmax(logits, size, chunk_elements=chunk_classes * size[0] * size[1], method=method)
     assert result.dtype == torch.int64 and result.shape == size
     assert torch.equal(result, full_resize_argmax(logits, size))
 
 
-def test_ties_go_to_the_lowest_class_across_chunks():
+@pytest.mark.parametrize("method", ["chunks", "bounds"])
+def test_ties_go_to_the_lowest_class_across_chunks(method):
     torch.manual_seed(1)
     logits = torch.randn(64, 6, 8)
     logits[40] = logits[3]  # an exact copy in a later chunk: class 3 must win wherever it is the maximum
     logits[41] = logits[3] + 10  # ... and a later class, tied with its own copy at 63, strictly above everything
     logits[63] = logits[41]
     size = (30, 40)
-    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40)  # chunks of 16 classes: 41 and 63 apart
+    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40, method=method)  # chunks of 16: 41, 63 apart
     assert torch.equal(result, full_resize_argmax(logits, size))
     assert (result == 41).all()  # by hand: 41 is 10 above every other class except its copy 63
     logits[41] = logits[63] = -100
-    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40)
+    result = resized_argmax(logits, size, chunk_elements=16 * 30 * 40, method=method)
     assert torch.equal(result, full_resize_argmax(logits, size))
     assert not (result == 40).any() and (result == 3).any()  # 3 and its copy 40 tie: 3 everywhere they lead
 
     constant = torch.zeros(920, 5, 5)
-    assert (resized_argmax(constant, (20, 20), chunk_elements=7 * 400) == 0).all()
+    assert (resized_argmax(constant, (20, 20), chunk_elements=7 * 400, method=method) == 0).all()
+    offset = torch.randn(920, 5, 5) * 1e-3 + 1000  # large logits close together: the bound is wide, ties many
+    assert torch.equal(resized_argmax(offset, (20, 20), method=method), full_resize_argmax(offset, (20, 20)))
 
 
-def test_nan_logits_give_torchs_argmax():
+@pytest.mark.parametrize("method", ["chunks", "bounds"])  # bounds: not for NaN, falls back to chunks
+def test_nan_logits_give_torchs_argmax(method):
     torch.manual_seed(2)
     logits = torch.randn(48, 5, 6)
     logits[30, 2, 3] = float("nan")  # a later chunk: NaN counts as the maximum, as in torch.argmax
     logits[35, 2, 3] = float("nan")
     logits[5, 0, 0] = float("nan")
     size = (20, 24)
-    result = resized_argmax(logits, size, chunk_elements=8 * 20 * 24)
+    result = resized_argmax(logits, size, chunk_elements=8 * 20 * 24, method=method)
     assert torch.equal(result, full_resize_argmax(logits, size))
     assert (result == 30).any() and (result == 5).any()
 
 
+@pytest.mark.parametrize("method", ["chunks", "bounds"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_logits_are_upcast_first(dtype):
+def test_low_precision_logits_are_upcast_first(dtype, method):
     torch.manual_seed(3)
-    logits = torch.randn(100, 8, 10).to(dtype)
-    result = resized_argmax(logits, (33, 41), chunk_elements=13 * 33 * 41)
+    logits = torch.randn(100, 8, 10).to(dtype)  # low precision: many exact ties between classes
+    result = resized_argmax(logits, (33, 41), chunk_elements=13 * 33 * 41, method=method)
     assert torch.equal(result, full_resize_argmax(logits.float(), (33, 41)))
 
 
@@ -86,6 +93,12 @@ def _near_tie_batch() -> torch.Tensor:
     logits[:, 0::2] = base
     logits[:, 1::2] = torch.nextafter(base, torch.tensor(float("inf")))
     return logits.contiguous(memory_format=torch.channels_last)  # as the model returns a batch of several images
+
+
+@pytest.mark.parametrize("method", ["chunks", "bounds"])
+def test_near_ties_one_float_step_apart(method):
+    logits = _near_tie_batch()[0]
+    assert torch.equal(resized_argmax(logits, (60, 80), method=method), full_resize_argmax(logits, (60, 80)))
 
 
 def test_a_channels_last_batch_gives_each_image_its_single_image_map():
