@@ -1,9 +1,10 @@
 """The evaluation-at-scale benchmark behind `scripts/bench_eval_scale.py`: prediction at ImageNet-S919's 920 classes
-with the demo recipe's tiny model (random weights), today's post-processing (`resized_argmax`, channel chunks) against
-the former one (all classes resized at once, then the argmax; kept here as the reference only), on the same logits.
+with the demo recipe's tiny model (random weights): the post-processing's two exact methods (`resized_argmax`'s
+"bounds", the CPU default, and "chunks", the GPU default) against the former step (all classes resized at once, then
+the argmax; kept here as the reference only), on the same logits.
 
 Reported per path: seconds an image (forward + post-processing) and the process's peak RSS; whether the class maps
-are equal; and the cost of the metric's per-image statistics (`SegmentationEvaluator.update`, plain and extended:
+are equal to the former's; and the cost of the metric's per-image statistics (`SegmentationEvaluator.update`, plain and extended:
 boundary IoU, size buckets, F-measure) on the predicted maps.
 """
 
@@ -23,22 +24,33 @@ from PIL import Image
 from imagenets_hf.benchmarks.metric import benchmark_maps
 from imagenets_hf.evaluation.inference import image_size
 from imagenets_hf.evaluation.metrics import SegmentationEvaluator
+from imagenets_hf.model.image_processing_vit_fcn import resized_argmax
 from imagenets_hf.runtime import RssPeak, describe_machine, resolve_device
 
 NUM_LABELS = 920  # ImageNet-S919's classes + "other"
 
 
-def former_post_process(image_processor: Any, logits: torch.Tensor, target_sizes: Sequence[tuple[int, int]]):
-    """The post-processing before channel chunks (the reference): each image's logits of all classes resized at once
-    to its working size, then the argmax (and nearest up for images above `max_pixels`)."""
+def full_resize_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The former post-processing's step (the reference): all classes resized at once, then the argmax."""
+    return F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1)[0]
+
+
+def post_process_with(
+    image_processor: Any,
+    logits: torch.Tensor,
+    target_sizes: Sequence[tuple[int, int]],
+    resize_argmax: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = full_resize_argmax,
+) -> list[torch.Tensor]:
+    """`post_process_semantic_segmentation` with another resize + argmax step (by default the former one): each
+    image's map at its working size, then nearest up for images above `max_pixels`."""
     results = []
     for image_logits, (height, width) in zip(logits, target_sizes):
         working = image_processor.working_size(height, width)
-        resized = F.interpolate(image_logits[None].float(), size=working, mode="bilinear", align_corners=False)
-        prediction = resized.argmax(dim=1)
+        prediction = resize_argmax(image_logits, working)
         if working != (height, width):
-            prediction = F.interpolate(prediction[None].float(), size=(height, width), mode="nearest")[0].long()
-        results.append(prediction[0])
+            prediction = F.interpolate(prediction[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+            prediction = prediction.long()
+        results.append(prediction)
     return results
 
 
@@ -121,10 +133,11 @@ def run_eval_scale_benchmark(
     protocol resizes to directly: 3.4 GiB of float32 logits at 920 classes in the former path). The model: the demo
     recipe's (`finetune.build_model`, random init, `num_labels` labels), in float32, batches of `batch_size`.
 
-    Returns a dict: `machine`, `device`, `threads`, the sizes, and per path (`chunked`, `former`) `s_per_image`
-    (all images, forward included), `s_per_image_main` (the `height` x `width` images alone) and `peak_rss_gb`
-    (the process's, model and images included; on CUDA also `cuda_peak_gb`); `forward_s_per_image`; `maps_equal`
-    and `pixels_differing` (chunked against former, every image); `metric_ms_per_image` (`plain`, `extended`) on the
+    Returns a dict: `machine`, `device`, `threads`, the sizes, and per path (`bounds`, `chunks`, `former`)
+    `s_per_image` (all images, forward included), `s_per_image_main` (the `height` x `width` images alone),
+    `s_per_image_large` and `peak_rss_gb` (the process's, model and images included; on CUDA also `cuda_peak_gb`);
+    `forward_s_per_image`; `maps_equal` and `pixels_differing` (per method against former, or bounds against
+    chunks without the reference, every image); `speedup` (former's time over each method's); `metric_ms_per_image` (`plain`, `extended`) on the
     first `metric_images` main maps against targets of random 16-pixel class blocks.
     """
     from imagenets_hf.training.finetune import build_image_processor, build_model
@@ -138,18 +151,19 @@ def run_eval_scale_benchmark(
     main = synthetic_images([(height, width)] * num_images, seed)
     large = synthetic_images([tuple(large_size)] * large_images, seed + 1)
 
-    def chunked(logits, sizes):
-        return image_processor.post_process_semantic_segmentation(logits, sizes)
-
-    def former(logits, sizes):
-        return former_post_process(image_processor, logits, sizes)
+    def method(name):
+        return lambda logits, sizes: post_process_with(
+            image_processor, logits, sizes, lambda x, size: resized_argmax(x, size, method=name)
+        )
 
     def forward_only(logits, sizes):
         return [torch.zeros(1, dtype=torch.int64)] * len(sizes)
 
-    predict_maps(model, image_processor, main[:1], device, batch_size, chunked)  # warm-up (first-call costs)
+    paths = {"bounds": method("bounds"), "chunks": method("chunks")}
+    if reference:
+        paths["former"] = lambda logits, sizes: post_process_with(image_processor, logits, sizes)
+    predict_maps(model, image_processor, main[:1], device, batch_size, paths["chunks"])  # warm-up (first calls)
     _, forward_s, _ = _measured(device, predict_maps, model, image_processor, main, device, batch_size, forward_only)
-    paths = {"chunked": chunked, "former": former} if reference else {"chunked": chunked}
     rows: dict[str, dict[str, float]] = {}
     maps: dict[str, list[torch.Tensor]] = {}
     for name, post_process in paths.items():
@@ -183,15 +197,21 @@ def run_eval_scale_benchmark(
         "large_images": large_images,
         "large_size": list(large_size),
         "batch_size": batch_size,
+        "default_method": "bounds" if device.type == "cpu" else "chunks",  # resized_argmax's "auto"
         "forward_s_per_image": round(forward_s / max(1, num_images), 4),
         **rows,
     }
+    reference_maps = maps["former"] if reference else maps["chunks"]
+    differing = {
+        name: sum(int((a != b).sum()) for a, b in zip(maps[name], reference_maps)) for name in ("bounds", "chunks")
+    }
+    result["maps_equal"] = not any(differing.values())
+    result["pixels_differing"] = differing
     if reference:
-        differing = sum(int((a != b).sum()) for a, b in zip(maps["chunked"], maps["former"]))
-        result["maps_equal"] = differing == 0
-        result["pixels_differing"] = differing
-        result["speedup"] = round(rows["former"]["s_per_image"] / rows["chunked"]["s_per_image"], 2)
-    result["metric_ms_per_image"] = metric_cost(maps["chunked"][: min(metric_images, num_images)], num_labels, seed)
+        result["speedup"] = {
+            name: round(rows["former"]["s_per_image"] / rows[name]["s_per_image"], 2) for name in ("bounds", "chunks")
+        }
+    result["metric_ms_per_image"] = metric_cost(maps["bounds"][: min(metric_images, num_images)], num_labels, seed)
     return result
 
 
