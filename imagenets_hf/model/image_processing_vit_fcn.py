@@ -155,7 +155,8 @@ def _bounded_argmax(logits: torch.Tensor, size: tuple[int, int], chunk_elements:
     near_classes = torch.zeros(num_classes, dtype=torch.bool, device=device)
     col_runs = _runs(cols[0], cols[1])
     # The cells' tensors are small (a few hundred classes x a few hundred pixels): with several threads each op
-    # spends more on waking and joining them than on its work (7 ms against 0.03 ms on a busy 2-core machine).
+    # spends more on waking and joining them than on its work (7 ms against 0.03 ms on a busy 2-core machine). As
+    # `imagenets_hf.runtime.one_thread`, written out here because this file stands alone.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
