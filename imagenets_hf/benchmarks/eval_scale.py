@@ -4,8 +4,8 @@ with the demo recipe's tiny model (random weights): the post-processing's two ex
 the argmax; kept here as the reference only), on the same logits.
 
 Reported per path: seconds an image (forward + post-processing) and the process's peak RSS; whether the class maps
-are equal to the former's; and the cost of the metric's per-image statistics (`SegmentationEvaluator.update`, plain and extended:
-boundary IoU, size buckets, F-measure) on the predicted maps.
+are equal to the former's; and the cost of the metric's per-image statistics (`SegmentationEvaluator.update`, plain
+and extended: boundary IoU, size buckets, F-measure) on the predicted maps.
 """
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ def run_eval_scale_benchmark(
     `s_per_image` (all images, forward included), `s_per_image_main` (the `height` x `width` images alone),
     `s_per_image_large` and `peak_rss_gb` (the process's, model and images included; on CUDA also `cuda_peak_gb`);
     `forward_s_per_image`; `maps_equal` and `pixels_differing` (per method against former, or bounds against
-    chunks without the reference, every image); `speedup` (former's time over each method's); `metric_ms_per_image` (`plain`, `extended`) on the
-    first `metric_images` main maps against targets of random 16-pixel class blocks.
+    chunks without the reference, every image); `speedup` (former's time over each method's);
+    `metric_ms_per_image` (`plain`, `extended`) on the first `metric_images` main maps against targets of random
+    16-pixel class blocks.
     """
     from imagenets_hf.training.finetune import build_image_processor, build_model
     from imagenets_hf.training.recipes import load_recipe

@@ -39,6 +39,10 @@ def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
 
 # Most float32 elements of one resized chunk of logits (64 MiB): bounds post-processing's memory at any class count.
 RESIZE_CHUNK_ELEMENTS = 2**24
+# torch's CPU bilinear kernel for outputs with height + width <= 128 is another one, whose values for a channel depend
+# on how many channels are resized with it (1 to 7 against 8 or more): outputs up to twice that are resized in one
+# call (at most 256 x 256 / 4 pixels: 60 MB of float32 at 920 classes), the very call of the reference.
+SMALL_OUTPUT_SIDES = 256
 
 
 def resized_argmax(
@@ -58,8 +62,10 @@ def resized_argmax(
     is strictly greater, or NaN where the running max is not (argmax takes the first NaN): ties go to the lowest id.
     "bounds" (`_bounded_argmax`) resizes exactly only the classes of the pixels where two classes come within
     rounding of each other, and decides every other pixel from bounds; finite logits only. "auto": "bounds" on the
-    CPU for finite logits (where the resize of every class is most of evaluation's time), else "chunks" (on a GPU
-    the chunked resize is cheap and one pass; tests/test_eval_post_processing.py holds both equal to the reference).
+    CPU for finite logits upsampled from at most 64 x 64 (a model's; there the resize of every class is most of
+    evaluation's time), else "chunks" (on a GPU the chunked resize is cheap and one pass). Small outputs (height +
+    width <= `SMALL_OUTPUT_SIDES`) are resized for all classes in one call, whatever `method`.
+    tests/test_eval_post_processing.py holds every path equal to the reference.
     """
     if logits.ndim != 3:
         raise ValueError(f"expected C x h x w logits, got shape {tuple(logits.shape)}")
@@ -67,8 +73,13 @@ def resized_argmax(
         raise ValueError(f"method must be auto, chunks or bounds, got {method!r}")
     size = (int(size[0]), int(size[1]))
     logits = logits.float()
+    if size[0] + size[1] <= SMALL_OUTPUT_SIDES:
+        return F.interpolate(logits[None].contiguous(), size=size, mode="bilinear", align_corners=False).argmax(1)[0]
     if method == "auto":
-        method = "bounds" if logits.device.type == "cpu" and logits.shape[0] > 1 else "chunks"
+        # bounds loops over cells of 4 logits in Python: for logits upsampled (as a model's are), up to 64 x 64 cells
+        height, width = logits.shape[1:]
+        upsampled = size[0] >= height and size[1] >= width and height * width <= 4096
+        method = "bounds" if logits.device.type == "cpu" and logits.shape[0] > 1 and upsampled else "chunks"
     if method == "bounds":
         result = _bounded_argmax(logits.contiguous(), size, chunk_elements)
         if result is not None:
@@ -440,8 +451,9 @@ class ViTFCNImageProcessor(BaseImageProcessor):
 
         With `target_sizes` (the original (height, width) of each image), the logits are resized bilinearly
         (align_corners False) to each size and argmaxed (`resized_argmax`: the same map as resizing all classes at
-        once, computed in channel chunks so that memory stays bounded at any number of classes); for images with more than `max_pixels` pixels the logits
-        go to the long-side-`large_image_long_side` size and the argmax is upsampled nearest to the original size.
+        once, without holding them, so that memory stays bounded at any number of classes); for images with more
+        than `max_pixels` pixels the logits go to the long-side-`large_image_long_side` size and the argmax is
+        upsampled nearest to the original size.
         Without `target_sizes`, the argmax at the logits' resolution.
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
