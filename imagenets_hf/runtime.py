@@ -14,12 +14,16 @@
   needs to repeat itself bit for bit (a resumed run then equals an uninterrupted one, as on the CPU).
 - `worker_context` / `bounded_batches`: how DataLoader workers start (a fork server, never a fork of a
   multi-threaded process) and how long a batch from them may take.
+- `one_thread`: torch's CPU ops on one thread inside a block, for many small ops (per-image metric statistics): with
+  several threads each op spends more on waking and joining them than on its work, most of all when the other cores
+  are busy (DataLoader workers, other jobs).
 - `RssPeak`: the peak resident memory of the process while a block runs, sampled every 2 ms (CPU tensors have no
   allocator statistics; tracemalloc does not see torch's allocations).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -186,6 +190,21 @@ def make_accelerator(**kwargs):
 
     AcceleratorState._reset_state()
     return Accelerator(**kwargs)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads at 1 inside the block, restored after (a process-wide setting: torch ops of other
+    Python threads run on one thread meanwhile too)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rss_bytes() -> int:

@@ -30,7 +30,7 @@ def run_script(args: list[str], capsys) -> tuple[int, list[str], dict]:
 
 @pytest.mark.slow
 def test_every_step_passes_at_toy_size(mini_dir, tmp_path, monkeypatch, capsys):
-    """All seven steps on the CPU at toy sizes (the DDP step as one launched process): each passes with its figures."""
+    """All eight steps on the CPU at toy sizes (the DDP step as one launched process): each passes with its figures."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # --cpu-toy sets it; restored after the test
     code, lines, summary = run_script(["--cpu-toy", "--data-dir", str(mini_dir), "--work-dir", str(tmp_path)], capsys)
     steps = summary["steps"]
@@ -54,6 +54,24 @@ def test_every_step_passes_at_toy_size(mini_dir, tmp_path, monkeypatch, capsys):
     for row in recipes.values():
         assert row["mem_gib"] > 0 and row["eval_fps"] > 0 and row["device_path_samples_per_s"] > 0
         assert row["projected_3600_iter_h"] == pytest.approx(3600 * 256 / row["train_samples_per_s"] / 3600, rel=0.02)
+    assert set(steps["eval_scale"]["methods"]) == {"bounds", "chunks", "former"}
+
+
+def test_eval_scale_step_fails_when_a_method_changes_the_class_map(monkeypatch):
+    """The step's verdict (the all-steps test above runs it for real): maps that differ from the full resize's fail
+    it, naming the pixels; equal maps pass with each method's figures."""
+    from imagenets_hf.benchmarks import eval_scale
+
+    row = {"s_per_image": 0.5, "peak_rss_gb": 1.0}
+    result = {"machine": "m", "bounds": row, "chunks": row, "former": row, "maps_equal": False}
+    result["pixels_differing"] = {"bounds": 3, "chunks": 0}
+    monkeypatch.setattr(eval_scale, "run_eval_scale_benchmark", lambda **kwargs: result)
+    with pytest.raises(CheckFailed, match="class maps differ from the full resize's: .*'bounds': 3"):
+        check_gpu.check_eval_scale(torch.device("cpu"), check_gpu.toy_sizes())
+    result.update(maps_equal=True, pixels_differing={"bounds": 0, "chunks": 0})
+    step = check_gpu.check_eval_scale(torch.device("cpu"), check_gpu.toy_sizes())
+    assert step.status == "pass" and step.summary == "maps equal; s an image bounds 0.500, chunks 0.500, former 0.500"
+    assert step.details["methods"]["bounds"] == row
 
 
 def test_a_failing_step_fails_the_command_and_hides_no_other(mini_dir, monkeypatch, capsys):

@@ -77,6 +77,9 @@ NOT_RUN = {
     "headless Chromium",
     "python scripts/bench_data.py --images 64 --repeats 5": "a minute of a shared CPU; the quick bench_data block "
     "runs the same code",
+    "python scripts/bench_eval_scale.py                   # 16 images of 375x500 and 2 of 1000x1000, batches of 8, "
+    "CPU": "minutes of a shared CPU (the former path), the second line a GPU; the quick bench_eval_scale block and "
+    "tests/test_bench_eval_scale.py run the same code",
     "python scripts/check_gpu.py                  # on a CUDA machine": "a GPU and minutes (its second line, toy "
     "sizes on the CPU, minutes of CI); tests/test_bench_check_gpu.py runs that second line",
 }

@@ -114,3 +114,18 @@ def test_set_deterministic_sets_torch_cudnn_and_cublas(restore_determinism, monk
     assert not record["deterministic_algorithms"]
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other documented setting is kept
     assert set_deterministic(True)["cublas_workspace_config"] == ":16:8"
+
+
+def test_one_thread_sets_one_intra_op_thread_and_restores_the_count():
+    from imagenets_hf.runtime import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # restored, after an error too
+    finally:
+        torch.set_num_threads(before)

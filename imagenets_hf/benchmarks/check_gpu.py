@@ -12,6 +12,9 @@ Steps (each one's failure is recorded and the others still run; `run_checks` rep
 - `compile`: the demo with `compile: true` trains and evaluates.
 - `bench_recipe`: `run_recipe_benchmark` for the four published recipes: peak training memory at batch 32 in fp16
   (the README's Mem column), evaluation fps (Inf time), the device path's samples/s and the projected wall time.
+- `eval_scale`: `run_eval_scale_benchmark` at 920 classes (16 images of 375x500 and 2 of 1000x1000, batches of 8):
+  both post-processing methods give the former full resize's class maps on this device, with their time and peak
+  GPU memory.
 
 Without CUDA (or with `toy=True`) every step runs at toy sizes on the CPU (a 2-block ViT, a few iterations, no mIoU
 bar), so that CI runs the same code (`tests/test_bench_check_gpu.py`).
@@ -48,7 +51,16 @@ DEMO_LEARNS_BAR = 45.0
 # The device path's images against the worker path's for the same draws: mean absolute difference in levels of 255
 # (measured 0.3 on CPU, from the worker path's reduced JPEG decode; tests/test_data_augment.py).
 GREY_LEVEL_BOUND = 1.0
-STEPS = ("demo_fp16", "demo_bf16", "device_path", "resume", "ddp_resume_2_to_1", "compile", "bench_recipe")
+STEPS = (
+    "demo_fp16",
+    "demo_bf16",
+    "device_path",
+    "resume",
+    "ddp_resume_2_to_1",
+    "compile",
+    "bench_recipe",
+    "eval_scale",
+)
 
 # Toy sizes (CPU, CI): the tests' tiny demo (tests/tiny_runs.py), fewer iterations.
 TOY_DEMO: dict[str, Any] = {
@@ -77,6 +89,7 @@ class Sizes:
     compile: dict[str, Any]
     bench: dict[str, Any]
     processes: int  # for the DDP step
+    eval_scale: dict[str, Any] = field(default_factory=dict)
 
 
 def full_sizes() -> Sizes:
@@ -89,6 +102,7 @@ def full_sizes() -> Sizes:
         compile={"max_iters": 100, "warmup_iters": 10, "checkpoint_interval": 0},
         bench={"iters": 10, "warmup": 3, "eval_iters": 20},
         processes=2,
+        eval_scale={"num_images": 16, "large_images": 2, "batch_size": 8},
     )
 
 
@@ -103,6 +117,10 @@ def toy_sizes() -> Sizes:
         compile={**TOY_DEMO, "encoder_kwargs": {**TOY_DEMO["encoder_kwargs"], "depth": 1}},
         bench={"iters": 1, "warmup": 1, "eval_iters": 1, "data_images": 2, "toy": True},
         processes=1,
+        eval_scale={
+            **{"num_images": 2, "height": 40, "width": 60, "large_images": 1, "large_size": (70, 50)},
+            **{"batch_size": 2, "num_labels": 40},
+        },
     )
 
 
@@ -314,6 +332,20 @@ def check_bench_recipe(device: torch.device, sizes: Sizes) -> StepResult:
     return StepResult("", "pass", summary=line, details={"machine": summary["machine"], "recipes": rows})
 
 
+def check_eval_scale(device: torch.device, sizes: Sizes) -> StepResult:
+    from imagenets_hf.benchmarks.eval_scale import run_eval_scale_benchmark
+
+    result = run_eval_scale_benchmark(device=str(device), **sizes.eval_scale)
+    if not result["maps_equal"]:
+        raise CheckFailed(f"class maps differ from the full resize's: {result['pixels_differing']} pixels")
+    methods = {
+        name: {key: result[name][key] for key in ("s_per_image", "peak_rss_gb", "cuda_peak_gb") if key in result[name]}
+        for name in ("bounds", "chunks", "former")
+    }
+    line = "maps equal; s an image " + ", ".join(f"{name} {row['s_per_image']:.3f}" for name, row in methods.items())
+    return StepResult("", "pass", summary=line, details={"machine": result["machine"], "methods": methods})
+
+
 def _numbers(row: dict[str, Any]) -> list[float]:
     return [v for v in row.values() if isinstance(v, float | int) and not isinstance(v, bool)]
 
@@ -367,6 +399,7 @@ def run_checks(
         "ddp_resume_2_to_1": lambda: check_ddp_resume(data_dir, work, sizes, precision, toy),
         "compile": lambda: check_compile(data_dir, work, sizes, precision),
         "bench_recipe": lambda: check_bench_recipe(device, sizes),
+        "eval_scale": lambda: check_eval_scale(device, sizes),
     }
     started = time.perf_counter()
     results: dict[str, StepResult] = {}

@@ -12,6 +12,7 @@ transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,173 @@ def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(height, width) after a keep-ratio resize to the given long side."""
     scale = long_side / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+# Most float32 elements of one resized chunk of logits (64 MiB): bounds post-processing's memory at any class count.
+RESIZE_CHUNK_ELEMENTS = 2**24
+# torch's CPU bilinear kernel for outputs with height + width <= 128 is another one, whose values for a channel depend
+# on how many channels are resized with it (1 to 7 against 8 or more): outputs up to twice that are resized in one
+# call (at most 256 x 256 / 4 pixels: 60 MB of float32 at 920 classes), the very call of the reference.
+SMALL_OUTPUT_SIDES = 256
+
+
+def resized_argmax(
+    logits: torch.Tensor, size: tuple[int, int], chunk_elements: int | None = None, method: str = "auto"
+) -> torch.Tensor:
+    """`F.interpolate(logits[None].float(), size, mode="bilinear", align_corners=False).argmax(dim=1)[0]`, bit for
+    bit, without holding the resized logits of all classes. Returns int64 class ids of shape `size`.
+
+    `logits`: C x h x w of any float dtype and layout, upcast to float32 as the protocol always did. The reference
+    is the contiguous (NCHW) kernel's, whatever the layout: the logits of a batch of several images come out
+    channels-last, and the channels-last kernel rounds differently, so a class map would depend on its batch.
+
+    `method`: "chunks" resizes chunks of classes, at most `chunk_elements` resized values each (default
+    `RESIZE_CHUNK_ELEMENTS`, at least one class), one after the other into a running max and argmax. Exact because
+    the contiguous kernel computes each channel on its own (a chunk's channels come out as in the whole tensor),
+    `max` keeps the first of equal values as `argmax` does, and a later chunk replaces the running max only where it
+    is strictly greater, or NaN where the running max is not (argmax takes the first NaN): ties go to the lowest id.
+    "bounds" (`_bounded_argmax`) resizes exactly only the classes of the pixels where two classes come within
+    rounding of each other, and decides every other pixel from bounds; finite logits only. "auto": "bounds" on the
+    CPU for finite logits upsampled from at most 64 x 64 (a model's; there the resize of every class is most of
+    evaluation's time), else "chunks" (on a GPU the chunked resize is cheap and one pass). Small outputs (height +
+    width <= `SMALL_OUTPUT_SIDES`) are resized for all classes in one call, whatever `method`.
+    tests/test_eval_post_processing.py holds every path equal to the reference.
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"expected C x h x w logits, got shape {tuple(logits.shape)}")
+    if method not in ("auto", "chunks", "bounds"):
+        raise ValueError(f"method must be auto, chunks or bounds, got {method!r}")
+    size = (int(size[0]), int(size[1]))
+    logits = logits.float()
+    if size[0] + size[1] <= SMALL_OUTPUT_SIDES:
+        return F.interpolate(logits[None].contiguous(), size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+    if method == "auto":
+        # bounds loops over cells of 4 logits in Python: for logits upsampled (as a model's are), up to 64 x 64 cells
+        height, width = logits.shape[1:]
+        upsampled = size[0] >= height and size[1] >= width and height * width <= 4096
+        method = "bounds" if logits.device.type == "cpu" and logits.shape[0] > 1 and upsampled else "chunks"
+    if method == "bounds":
+        result = _bounded_argmax(logits.contiguous(), size, chunk_elements)
+        if result is not None:
+            return result
+    return _chunked_argmax(logits, size, chunk_elements)
+
+
+def _chunked_argmax(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    chunk_elements: int | None,
+    classes: torch.Tensor | None = None,
+    pixels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The "chunks" method: argmax over `classes` (ascending ids; default all) of the resized logits, at the flat
+    `pixels` indices (default all, returned as `size`); the ids returned are class ids."""
+    chunk_elements = RESIZE_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    num_classes = logits.shape[0] if classes is None else len(classes)
+    step = max(1, min(num_classes, chunk_elements // max(1, size[0] * size[1])))
+    best_value = best_index = None
+    for start in range(0, num_classes, step):
+        if classes is None:
+            chunk = logits[None, start : start + step].contiguous()
+        else:
+            chunk = logits[classes[start : start + step]][None]
+        resized = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[0]
+        del chunk
+        if pixels is not None:
+            resized = resized.reshape(resized.shape[0], -1)[:, pixels]
+        value, index = resized.max(dim=0)
+        del resized  # before the next chunk is resized: one chunk alive at a time
+        index = index + start if classes is None else classes[start : start + step][index]
+        if best_value is None:
+            best_value, best_index = value, index
+            continue
+        better = (value > best_value) | (value.isnan() & ~best_value.isnan())
+        torch.where(better, value, best_value, out=best_value)
+        torch.where(better, index, best_index, out=best_index)
+        del value, index, better
+    return best_index
+
+
+def _source_coordinates(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index: the two input indices the bilinear kernel (align_corners False) blends and the weight
+    of the second, computed as torch does in float32 (scale in/out, (i + 0.5) * scale - 0.5, clamped at 0)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    real = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    first = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
+    second = np.minimum(first + 1, in_size - 1)
+    return first, second, np.clip(real - first, 0, 1).astype(np.float32)
+
+
+def _runs(first: np.ndarray, second: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(start, stop, first, second) of each run of output indices that blend the same two input indices."""
+    starts = [0] + [i for i in range(1, len(first)) if first[i] != first[i - 1]]
+    stops = starts[1:] + [len(first)]
+    return [(start, stop, int(first[start]), int(second[start])) for start, stop in zip(starts, stops)]
+
+
+def _bounded_argmax(logits: torch.Tensor, size: tuple[int, int], chunk_elements: int | None) -> torch.Tensor | None:
+    """The "bounds" method; None for logits that are not all finite (or too large for the bound).
+
+    Each output pixel's resized value of a class is a convex combination of the class's logits at the 4 input pixels
+    around it (non-negative weights summing to 1), computed by torch within `tolerance` of that combination:
+    `tolerance` = 2^-18 * max|logit| * (max(h, w) + 2) covers float32 rounding of the weights, products and sums and
+    of the source coordinate (which moves the value by at most its error times twice the largest logit), with a
+    margin of about 5. Per cell of 4 input pixels: a class whose largest corner is below the largest smallest
+    corner by more than 2 * tolerance cannot be the argmax of any pixel of the cell; the others are blended here
+    (within tolerance of torch's values too). Where the best blend beats the second by more than 2 * tolerance it is
+    torch's argmax, strictly. The other pixels (near ties) get their argmax from torch's own resize of the classes
+    that came within 2 * tolerance of the best there: every class tied for torch's maximum is among them.
+    """
+    num_classes, height, width = logits.shape
+    largest = float(logits.abs().max()) if logits.numel() else 0.0
+    if not math.isfinite(largest) or largest > 1e30:
+        return None
+    margin = 2 * 2.0**-18 * largest * (max(height, width) + 2)
+    rows = _source_coordinates(height, size[0])
+    cols = _source_coordinates(width, size[1])
+    device = logits.device
+    row_weight, col_weight = torch.from_numpy(rows[2]).to(device), torch.from_numpy(cols[2]).to(device)
+    prediction = torch.empty(size, dtype=torch.int64, device=device)
+    near = torch.zeros(size, dtype=torch.bool, device=device)
+    near_classes = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    col_runs = _runs(cols[0], cols[1])
+    # The cells' tensors are small (a few hundred classes x a few hundred pixels): with several threads each op
+    # spends more on waking and joining them than on its work (7 ms against 0.03 ms on a busy 2-core machine). As
+    # `imagenets_hf.runtime.one_thread`, written out here because this file stands alone.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row_start, row_stop, top_row, bottom_row in _runs(rows[0], rows[1]):
+            top, bottom = logits[:, top_row], logits[:, bottom_row]
+            wy = row_weight[row_start:row_stop, None]
+            for col_start, col_stop, left, right in col_runs:
+                corners = torch.stack((top[:, left], top[:, right], bottom[:, left], bottom[:, right]))
+                low, high = corners.amin(0), corners.amax(0)
+                candidates = (high >= low.max() - margin).nonzero()[:, 0]
+                if len(candidates) == 1:
+                    prediction[row_start:row_stop, col_start:col_stop] = candidates[0]
+                    continue
+                wx = col_weight[col_start:col_stop]
+                corners = corners[:, candidates, None]
+                upper = torch.lerp(corners[0], corners[1], wx)  # K x cols
+                lower = torch.lerp(corners[2], corners[3], wx)
+                blend = torch.lerp(upper[:, None], lower[:, None], wy)  # K x rows x cols
+                best, index = blend.max(dim=0)
+                prediction[row_start:row_stop, col_start:col_stop] = candidates[index]
+                blend.scatter_(0, index[None], -math.inf)
+                tied = best - blend.amax(dim=0) <= margin
+                if tied.any():
+                    near[row_start:row_stop, col_start:col_stop] |= tied
+                    close = (blend[:, tied] >= best[tied] - margin).any(dim=1)
+                    near_classes[candidates[close]] = True
+                    near_classes[candidates[index[tied]]] = True
+    finally:
+        torch.set_num_threads(threads)
+    if near.any():
+        pixels = near.view(-1).nonzero()[:, 0]
+        exact = _chunked_argmax(logits, size, chunk_elements, near_classes.nonzero()[:, 0], pixels)
+        prediction.view(-1)[pixels] = exact
+    return prediction
 
 
 def _to_rgb_pil(image) -> Image.Image:
@@ -282,8 +450,10 @@ class ViTFCNImageProcessor(BaseImageProcessor):
         """Class-id maps (int64 tensors) from model outputs.
 
         With `target_sizes` (the original (height, width) of each image), the logits are resized bilinearly
-        (align_corners False) to each size and argmaxed; for images with more than `max_pixels` pixels the logits
-        go to the long-side-`large_image_long_side` size and the argmax is upsampled nearest to the original size.
+        (align_corners False) to each size and argmaxed (`resized_argmax`: the same map as resizing all classes at
+        once, without holding them, so that memory stays bounded at any number of classes); for images with more
+        than `max_pixels` pixels the logits go to the long-side-`large_image_long_side` size and the argmax is
+        upsampled nearest to the original size.
         Without `target_sizes`, the argmax at the logits' resolution.
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
@@ -295,12 +465,12 @@ class ViTFCNImageProcessor(BaseImageProcessor):
         for image_logits, target_size in zip(logits, target_sizes):
             height, width = (int(v) for v in target_size)
             working = self.working_size(height, width)
-            resized = F.interpolate(image_logits[None].float(), size=working, mode="bilinear", align_corners=False)
-            prediction = resized.argmax(dim=1)
+            prediction = resized_argmax(image_logits, working)
             if working != (height, width):
-                prediction = F.interpolate(prediction[None].float(), size=(height, width), mode="nearest")[0].long()
-            results.append(prediction[0])
+                prediction = F.interpolate(prediction[None, None].float(), size=(height, width), mode="nearest")
+                prediction = prediction[0, 0].long()
+            results.append(prediction)
         return results
 
 
-__all__ = ["ViTFCNImageProcessor", "rescale_size", "long_side_size"]
+__all__ = ["ViTFCNImageProcessor", "rescale_size", "long_side_size", "resized_argmax"]
