@@ -95,6 +95,7 @@ WORKER = textwrap.dedent(
                              extended=True, progress=False, num_workers=0)
     with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
         json.dump({"local_images": local_images, "dist": by_dist, "accelerator": by_accelerator, "loop": by_loop}, f)
+    accelerator.end_training()  # destroys the process group: one left alive can abort the process at its exit
     """
 )
 

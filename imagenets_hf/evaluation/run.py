@@ -164,6 +164,7 @@ def run_evaluation(
         if plot is not None:
             title = f"{Path(os.fspath(model_name_or_path)).name} on {split}: per-class IoU"
             print(f"chart written to {plot_per_class_iou(metrics, plot, names, title=title)}")
+    end_processes(accelerator)
     return metrics
 
 
@@ -239,7 +240,17 @@ def run_prediction(
             zip_path = make_submission(out_dir, submission, method_file)
             print(f"submission written to {zip_path}")
             result["submission"] = os.fspath(zip_path)
+    end_processes(accelerator)
     return result
+
+
+def end_processes(accelerator) -> None:
+    """Under a multi-process launch: wait for every process, then destroy the process group. A process that exits
+    with its gloo/NCCL group alive can abort at interpreter shutdown ("terminate called without an active exception",
+    exit status -6) after its work is done, failing a run that succeeded."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 def _counted_list(paths: list[str], noun: str, shown: int = 10) -> str:
