@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 
+from imagenets_hf.benchmarks.check_gpu import TOY_DEMO
+
+# The GPU check's toy demo (the same tiny model, crops and batches), with the tests' budget and checkpointing.
 TINY_RECIPE = {
-    "encoder_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32},
-    "crop_size": 32,
-    "resize_scale": [128, 32],
-    "eval_short_side": 32,
-    "eval_max_long_side": 128,
-    "per_device_batch_size": 4,
-    "global_batch_size": 4,
+    **TOY_DEMO,
     "max_iters": 6,
     "warmup_iters": 2,
     "checkpoint_interval": 2,
     "checkpoints_total_limit": 2,
     "val_interval": 0,
-    "num_workers": 0,
     "drop_path_rate": 0.1,  # exercises the restored random state on resume
 }
 

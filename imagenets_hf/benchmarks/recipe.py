@@ -2,8 +2,8 @@
 iterations on whatever device is there, giving the figures the seed table leaves empty ("Mem (GB)", "Inf time
 (fps)") and what they imply for a full run.
 
-Per recipe: the model as fine-tuning builds it (`finetune.build_model`, random init, 920 labels; `build_optimizer`
-with the recipe's layer decay; `WarmupCosineLR`), the loss through the model's forward with labels, the recipe's
+Per recipe: the model as fine-tuning builds it (`finetune.build_model`, random init, 920 labels; its optimizer and
+schedule by `finetune.build_optimizer_and_schedule`), the loss through the model's forward with labels, the recipe's
 precision (fp16 = autocast + GradScaler on CUDA; accelerate, and so `finetune`, trains fp16 only on GPUs, so on a CPU
 an fp16 recipe runs in float32 and says so), optionally `torch.compile` (inductor, as `--compile true`). It reports
 training samples/s on device-resident batches, MFU (FLOPs from torch.utils.flop_counter over a matmul peak measured
@@ -44,8 +44,7 @@ from imagenets_hf.data.transforms import train_augmentation_from_recipe
 from imagenets_hf.evaluation.inference import predict_segmentation_tensors
 from imagenets_hf.runtime import describe_machine
 from imagenets_hf.training.data import AugmentedSegmentationDataset, pack_train_masks
-from imagenets_hf.training.finetune import build_image_processor, build_model
-from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
+from imagenets_hf.training.finetune import build_image_processor, build_model, build_optimizer_and_schedule
 from imagenets_hf.training.recipes import Recipe, load_recipe
 
 PUBLISHED_RECIPES = ("mae-base-pretrained", "mae-base-finetuned", "sere-small-pretrained", "sere-small-finetuned")
@@ -211,16 +210,7 @@ def bench_recipe(
     train_flops = count_flops(lambda: model(pixel_values=pixel_values[:1], labels=labels[:1]).loss.backward(), device)
     model.zero_grad(set_to_none=True)
 
-    optimizer = build_optimizer(
-        model,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        layer_decay=recipe.layer_decay,
-        betas=recipe.betas,
-        eps=recipe.eps,
-        no_weight_decay_tokens=recipe.no_weight_decay_tokens,
-    )
-    scheduler = WarmupCosineLR(optimizer, recipe.max_iters, recipe.warmup_iters, recipe.warmup_ratio, recipe.min_lr)
+    optimizer, scheduler = build_optimizer_and_schedule(model, recipe)  # as training builds them
     train_model = torch.compile(model) if compile else model  # accelerate's dynamo_backend="inductor" does this
     step = make_train_step(train_model, optimizer, scheduler, precision, device, recipe.grad_clip)
     losses = []

@@ -492,16 +492,7 @@ def setup_run(
         else:
             model = convert_sync_batchnorm(model, compiling=recipe.compile)
 
-    optimizer = build_optimizer(
-        model,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        layer_decay=recipe.layer_decay,
-        betas=recipe.betas,
-        eps=recipe.eps,
-        no_weight_decay_tokens=recipe.no_weight_decay_tokens,
-    )
-    scheduler = WarmupCosineLR(optimizer, recipe.max_iters, recipe.warmup_iters, recipe.warmup_ratio, recipe.min_lr)
+    optimizer, scheduler = build_optimizer_and_schedule(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     training_progress = TrainingProgress()
     # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside.
@@ -528,6 +519,23 @@ def setup_run(
         last_checkpoint=last_checkpoint,
         settings=what_runs(accelerator, model, tf32),
     )
+
+
+def build_optimizer_and_schedule(
+    model: torch.nn.Module, recipe: Recipe
+) -> tuple[torch.optim.Optimizer, WarmupCosineLR]:
+    """AdamW with the recipe's layer-wise lr decay and weight-decay rules, and its warmup + cosine schedule."""
+    optimizer = build_optimizer(
+        model,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        layer_decay=recipe.layer_decay,
+        betas=recipe.betas,
+        eps=recipe.eps,
+        no_weight_decay_tokens=recipe.no_weight_decay_tokens,
+    )
+    scheduler = WarmupCosineLR(optimizer, recipe.max_iters, recipe.warmup_iters, recipe.warmup_ratio, recipe.min_lr)
+    return optimizer, scheduler
 
 
 def restore_checkpoint(
