@@ -106,9 +106,16 @@ def main_process_first(accelerator: Accelerator | None, timeout: float, what: st
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
 
     def wait() -> None:
+        started = time.monotonic()
         try:
             dist.barrier(group=group)
         except RuntimeError as err:  # gloo's timeout (DistBackendError), or a process gone
+            if time.monotonic() - started < timeout:  # not the bound: the process on the other side stopped
+                other = "the other processes" if accelerator.is_main_process else "the main process"
+                raise ConnectionError(
+                    f"process {accelerator.process_index}: {other} stopped while preparing {what} (its own error "
+                    f"says why; {type(err).__name__})"
+                ) from None
             if accelerator.is_main_process:
                 happened = f"the other processes stopped waiting while it prepared {what} (over {timeout:g} s)"
             else:
