@@ -50,6 +50,13 @@ def build_parser() -> cli.ArgumentParser:
         metavar="N",
         help="stop (and checkpoint) after N iterations in total, keeping the full schedule; continue with --resume",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="at the end of a successful run, push the model, image processor, model card and recipe to this Hub "
+        "model repository (private unless --hub-public; needs a Hub login); scripts/push_model.py pushes again",
+    )
+    parser.add_argument("--hub-public", action="store_true", help="with --push-to-hub: create the repository public")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
     return parser
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = recipe_from_args(args)
     except RecipeError as err:  # a recipe name, field or value on the command line that cannot be used
         parser.error(str(err))
+    if args.hub_public and args.push_to_hub is None:
+        parser.error("--hub-public applies to --push-to-hub")
     if args.no_progress:
         cli.disable_progress_bars()
     if args.print_recipe:
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         make_mini_dataset=args.make_mini_dataset,
+        push_to_hub=args.push_to_hub,
+        hub_private=not args.hub_public,
     )
 
 

@@ -8,6 +8,7 @@ per optimizer step whatever the process count. Run it with `accelerate launch sc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -321,6 +322,8 @@ def finetune(
     progress: bool = True,
     overwrite: bool = False,
     make_mini_dataset: bool = False,
+    push_to_hub: str | None = None,
+    hub_private: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune as `recipe` says; return {"metrics", "output_dir", "iterations", ...}.
 
@@ -336,7 +339,15 @@ def finetune(
             holding a run is refused).
         make_mini_dataset: make the synthetic mini dataset at `recipe.data_dir` when that folder does not exist (the
             demo recipe does so at its own default folder without being asked).
+        push_to_hub: at the end of a successful run, the main process pushes the saved folder (model, image
+            processor, model card, picture, recipe) to this Hub model repository (`deploy.hub.push_model_folder`);
+            a failed push keeps the run and raises `HubPushError` with the command that pushes it again.
+        hub_private: create that repository private (default) or public.
     """
+    if push_to_hub is not None:
+        from imagenets_hf.deploy.hub import check_push_target
+
+        check_push_target(push_to_hub)  # a bad name or no login: said now, not after the training
     run = setup_run(recipe, resume, overwrite, make_mini_dataset, progress)
     accelerator = run.accelerator
     end_iteration = recipe.max_iters if stop_after is None else min(stop_after, recipe.max_iters)
@@ -395,9 +406,17 @@ def finetune(
     if end_iteration < recipe.max_iters:  # stopped early: checkpoint so that --resume continues
         result["checkpoint"] = str(checkpoint(run, end_iteration))
         accelerator.print(f"Stopped after {end_iteration} iterations; checkpoint {result['checkpoint']}")
+        if push_to_hub is not None:
+            accelerator.print(f"not pushed to {push_to_hub}: the model is saved (and pushed) when the run finishes")
         accelerator.end_training()
         return result
-    return finish_run(run, result, progress)
+    result = finish_run(run, result, progress)
+    if push_to_hub is not None and accelerator.is_main_process:
+        from imagenets_hf.deploy.hub import push_after_training
+
+        result["hub_url"] = push_after_training(run.output_dir, push_to_hub, private=hub_private, result=result)
+        print(f"pushed {run.output_dir} to {result['hub_url']} ({'private' if hub_private else 'public'} if new)")
+    return result
 
 
 def build_batches(recipe: Recipe, train_rows: Any, accelerator: Accelerator, skip: int) -> Iterator[dict]:
@@ -451,7 +470,7 @@ def setup_run(
         # Both explicit: left unset, accelerate takes ACCELERATE_MIXED_PRECISION and ACCELERATE_DYNAMO_BACKEND from
         # the environment (`accelerate launch` sets them from the user's `accelerate config`), not from the recipe.
         mixed_precision=recipe.mixed_precision,
-        log_with="tensorboard",
+        log_with=tracker(recipe),
         project_config=ProjectConfiguration(
             project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
         ),
@@ -509,7 +528,7 @@ def setup_run(
     batches = build_batches(recipe, train_rows, accelerator, skip=training_progress.iteration * accumulation)
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers(recipe.name, config=hparams)
+    accelerator.init_trackers(recipe.name, config=hparams, init_kwargs=tracker_init_kwargs(recipe))
     return TrainingRun(
         recipe=recipe,
         accelerator=accelerator,
@@ -526,6 +545,27 @@ def setup_run(
         last_checkpoint=last_checkpoint,
         settings=what_runs(accelerator, model, tf32),
     )
+
+
+def tracker(recipe: Recipe) -> str | None:
+    """accelerate's `log_with` for `recipe.report_to` (None: no tracker); a missing wandb is named before any work."""
+    if recipe.report_to == "none":
+        return None
+    if recipe.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ImportError(
+            "report_to wandb (--report-to wandb) needs wandb: pip install 'imagenets-hf[wandb]' (or --report-to "
+            "tensorboard)"
+        )
+    return recipe.report_to
+
+
+def tracker_init_kwargs(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """wandb writes its run files into <output_dir>/logs (beside TensorBoard's), not ./wandb in the current folder."""
+    if recipe.report_to != "wandb":
+        return {}
+    logs = Path(recipe.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return {"wandb": {"dir": str(logs)}}
 
 
 def build_optimizer_and_schedule(

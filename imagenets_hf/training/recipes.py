@@ -33,6 +33,7 @@ PIPELINES = ("mmseg", "imagenetsegmodel")
 HEADS = ("fcn", "linear", "multilayer")
 DROP_PATH_BRANCHES = ("both", "mlp")  # the model's too (configuration_vit_fcn.DROP_PATH_BRANCHES), held equal by a test
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "none")  # accelerate's trackers a run may log to (`report_to`)
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
 
 
@@ -158,7 +159,13 @@ class Recipe:
     eval_batch_size: int = _option(8, help="images per evaluation batch")
     checkpoint_interval: int = _option(360, help="save a checkpoint every N iterations (0: none)")
     checkpoints_total_limit: int = _option(2, help="keep this many newest checkpoints")
-    log_interval: int = _option(10, help="log loss and lr to TensorBoard every N iterations (0: never)")
+    log_interval: int = _option(10, help="log loss and lr to the tracker every N iterations (0: never)")
+    report_to: str = _option(
+        "tensorboard",
+        help="experiment tracker: tensorboard (<output_dir>/logs), wandb (the wandb extra; its files in "
+        "<output_dir>/logs/wandb) or none",
+        choices=TRACKERS,
+    )
     worker_timeout: float = _option(
         300.0, help="seconds a training batch from the DataLoader workers may take before the run stops with a message"
     )

@@ -23,6 +23,7 @@ RESUMABLE_FIELDS = frozenset(
     {
         "max_iters",
         "log_interval",
+        "report_to",
         "val_interval",
         "checkpoint_interval",
         "checkpoints_total_limit",
