@@ -73,6 +73,10 @@ NOT_RUN = {
     "more processes to start; tests/test_eval_distributed.py checks the two-process numbers",
     "accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --output-dir outputs/demo-2proc": "a third "
     "demo run; tests/test_train_finetune.py trains on 2 CPU processes",
+    "python scripts/finetune.py --output-dir outputs/demo-hub --push-to-hub me/imagenets-demo": "network and a Hub "
+    "login; tests/test_deploy_hub.py pushes a tiny run and the printed push_model.py command with the upload replaced",
+    "WANDB_MODE=offline python scripts/finetune.py --output-dir outputs/demo-wandb --report-to wandb": "a third demo "
+    "run; tests/test_deploy_hub.py runs a tiny run with wandb offline",
     "python scripts/app.py --model outputs/demo": "serves until Ctrl-C; tests/test_app_browser.py drives it in "
     "headless Chromium",
     "python scripts/bench_data.py --images 64 --repeats 5": "a minute of a shared CPU; the quick bench_data block "
@@ -84,9 +88,9 @@ NOT_RUN = {
     "sizes on the CPU, minutes of CI); tests/test_bench_check_gpu.py runs that second line",
 }
 
-# A line of a non-run block that a reader would type: a command, or Python.
+# A line of a non-run block that a reader would type: a command (environment assignments before it included), or Python.
 COMMAND_LINE = re.compile(
-    r"^\s*(\$\s+)?(python3?|accelerate|pip3?|torchrun|tensorboard|hf|huggingface-cli|git|wget|curl|bash|sh|cd|"
+    r"^\s*(\$\s+)?([A-Z_][A-Z0-9_]*=\S*\s+)*(python3?|accelerate|pip3?|torchrun|tensorboard|hf|huggingface-cli|git|wget|curl|bash|sh|cd|"
     r"export|mkdir|cp|mv|rm|cat|printf)(\s|$)"
     r"|^\s*(import\s+\w|from\s+[\w.]+\s+import\s)"
 )
