@@ -59,8 +59,10 @@ def test_onnxruntime_logits_equal_pytorch(head, tmp_path):
     import onnx
     import onnxruntime
 
-    model = tiny_model(head)
-    path = export_onnx(model, tmp_path / "model.onnx")
+    model = tiny_model(head).train()
+    path = export_onnx(model, tmp_path / "model.onnx")  # the graph is the inference forward, whatever the mode
+    assert model.training  # given back as it came
+    model.eval()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # weights inside: one file
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [bool(d.dim_param) for d in dims] == [True, False, True, True]  # batch, height, width dynamic

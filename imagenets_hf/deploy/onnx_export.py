@@ -79,23 +79,27 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, opset_version: int | N
     width; returns the path. Weights over `SINGLE_FILE_LIMIT_BYTES` go to `<out>.data` beside it."""
     require_onnx_packages()
     out = check_out_path(out)
-    model = model.eval()
+    was_training = model.training
+    model.eval()  # the graph is the inference forward: BatchNorm statistics, no dropout
     example = torch.randn(*parity_sizes(model)[1], generator=torch.Generator().manual_seed(0))
     dynamic = torch.export.Dim.DYNAMIC
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    with torch.no_grad():
-        torch.onnx.export(
-            LogitsOnly(model).eval(),
-            (example.to(next(model.parameters()).device),),
-            str(out),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={"pixel_values": {0: dynamic, 2: dynamic, 3: dynamic}},
-            opset_version=opset_version,
-            external_data=weight_bytes > SINGLE_FILE_LIMIT_BYTES,
-            verbose=False,
-        )
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                LogitsOnly(model).eval(),
+                (example.to(next(model.parameters()).device),),
+                str(out),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"pixel_values": {0: dynamic, 2: dynamic, 3: dynamic}},
+                opset_version=opset_version,
+                external_data=weight_bytes > SINGLE_FILE_LIMIT_BYTES,
+                verbose=False,
+            )
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -113,32 +117,35 @@ def onnx_parity(model: nn.Module, path: str | os.PathLike, shapes=None, seed: in
     """Run the graph at `path` under onnxruntime (CPU) and `model` under PyTorch on random inputs of `shapes`
     (default `parity_sizes`) and compare their logits."""
     require_onnx_packages()
-    import numpy as np
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
-    model = model.eval()
-    device = next(model.parameters()).device
-    results = []
-    for shape in shapes or parity_sizes(model):
-        pixel_values = torch.randn(*shape, generator=generator)
-        with torch.no_grad():
-            expected = model(pixel_values=pixel_values.to(device)).logits.float().cpu().numpy()
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.numpy()})
-        if got.shape != expected.shape:
-            raise ValueError(
-                f"{path}: logits of shape {got.shape} for input {tuple(shape)}; PyTorch gives {expected.shape}"
-            )
-        results.append(
-            Parity(
-                shape=tuple(shape),
-                max_abs_difference=float(np.abs(got - expected).max()),
-                max_abs_logit=float(np.abs(expected).max()),
-                mask_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
-            )
+    was_training = model.training
+    model.eval()
+    try:
+        return [_compare(model, session, shape, generator) for shape in shapes or parity_sizes(model)]
+    finally:
+        model.train(was_training)
+
+
+def _compare(model: nn.Module, session, shape: tuple[int, ...], generator: torch.Generator) -> Parity:
+    import numpy as np
+
+    pixel_values = torch.randn(*shape, generator=generator)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values.to(next(model.parameters()).device)).logits.float().cpu().numpy()
+    (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixel_values.numpy()})
+    if got.shape != expected.shape:
+        raise ValueError(
+            f"the graph gives logits of shape {got.shape} for input {tuple(shape)}; PyTorch {expected.shape}"
         )
-    return results
+    return Parity(
+        shape=tuple(shape),
+        max_abs_difference=float(np.abs(got - expected).max()),
+        max_abs_logit=float(np.abs(expected).max()),
+        mask_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
+    )
 
 
 def export_model_folder(
