@@ -122,7 +122,7 @@ def test_push_model_script_and_its_one_line_errors(tmp_path, monkeypatch, capsys
     )
     status, lines = push("--model", folder, "--repo", "me/not a name")
     assert (status, len(lines)) == (1, 1)
-    assert lines[0].startswith("push_model.py: error: --push-to-hub me/not a name: not a Hub repository name")
+    assert lines[0].startswith("push_model.py: error: me/not a name: not a Hub repository name (Repo id must use")
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))  # no stored token either
     assert push("--model", folder, "--repo", "me/demo") == (

@@ -38,7 +38,7 @@ def check_push_target(repo_id: str, token: str | None = None) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(f"--push-to-hub {repo_id}: not a Hub repository name ({err})") from None
+        raise ValueError(f"{repo_id}: not a Hub repository name ({err})") from None
     if token is None and get_token() is None:
         raise PermissionError(
             f"pushing to {repo_id} needs a Hub login: run `hf auth login` or set HF_TOKEN (a token with write access)"
