@@ -423,3 +423,12 @@ def test_unlabelled_batches_pass_batches_without_skips_unchanged():
     batch = {key: torch.zeros(1) for key in BATCH_KEYS}
     wrapped = UnlabelledBatches(iter([{**batch, "skipped_files": []}]))
     assert set(next(wrapped)) == set(BATCH_KEYS) and wrapped.skipped == 0
+
+
+def test_a_run_stopped_by_a_bad_file_may_resume_skipping_it():
+    from imagenets_hf.training.run_folder import recipe_differences
+
+    before = load_recipe("demo")
+    after = load_recipe("demo", {"skip_bad_unlabelled": True})
+    assert recipe_differences(before, after) == {}
+    assert recipe_differences(before, load_recipe("demo", {"labels_per_class": 1})) == {"labels_per_class": (None, 1)}
