@@ -55,3 +55,12 @@ def test_toy_scale_benchmark_runs_every_stage(tmp_path, monkeypatch, capsys):
     for stage in STAGES:
         assert stages[stage]["wall_s"] > 0 and stages[stage]["peak_rss_gb"] > 0, stage
     assert not work.exists()  # deleted without --keep
+
+
+def test_training_stage_refuses_to_reach_the_end_of_the_run(tmp_path):
+    """At max_iters the run would evaluate the whole validation split (hours at full size): refused up front. (The
+    first full-size run failed here when the demo's warm-up was longer than the iterations asked for.)"""
+    from imagenets_hf.benchmarks.scale import _train_start
+
+    with pytest.raises(ValueError, match=r"train_iters \(5\) must be below the recipe's max_iters \(5\)"):
+        _train_start(str(tmp_path), str(tmp_path / "run"), 5, {"max_iters": 5, "warmup_iters": 1})

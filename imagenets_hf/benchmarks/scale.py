@@ -157,8 +157,9 @@ def _train_start(data_dir: str, output_dir: str, train_iters: int, overrides: di
     from imagenets_hf.training.finetune import finetune
 
     overrides = {"val_interval": 0, "checkpoint_interval": 0, "log_interval": 0, **overrides}
-    overrides.setdefault("max_iters", max(train_iters + 1, 2 * overrides.get("warmup_iters", 1) + 1))
     recipe = _demo_recipe(data_dir, output_dir, overrides)
+    if train_iters >= recipe.max_iters:  # the run would end, and evaluate the whole validation split
+        raise ValueError(f"train_iters ({train_iters}) must be below the recipe's max_iters ({recipe.max_iters})")
     started = time.perf_counter()
     result = finetune(recipe, stop_after=train_iters, progress=False, overwrite=True)
     return {"iterations": result["iterations"], "finetune_s": round(time.perf_counter() - started, 2)}
