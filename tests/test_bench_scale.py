@@ -54,6 +54,10 @@ def test_toy_scale_benchmark_runs_every_stage(tmp_path, monkeypatch, capsys):
     assert result["classes"] == 3 and result["cache_gb"] > 0 and result["parquet_gb"] > 0
     for stage in STAGES:
         assert stages[stage]["wall_s"] > 0 and stages[stage]["peak_rss_gb"] > 0, stage
+        assert 0 < stages[stage]["peak_main_rss_gb"] <= stages[stage]["peak_rss_gb"], stage
+        assert 0 < stages[stage]["cpu_s"], stage
+    for stage in ("evaluate", "predict"):
+        assert stages[stage]["cpu_s_per_image"] == round(stages[stage]["cpu_s"] / stages[stage]["images"], 4)
     assert not work.exists()  # deleted without --keep
 
 

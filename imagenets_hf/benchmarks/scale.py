@@ -37,10 +37,11 @@ SAMPLE_S = 0.05
 RESULT_PREFIX = "SCALE-STAGE-RESULT "
 
 
-def tree_memory_bytes(pid: int) -> tuple[int, int, int]:
+def tree_memory_bytes(pid: int, cpu_seconds: dict[int, float] | None = None) -> tuple[int, int, int]:
     """(RSS summed over a process and all its descendants, PSS summed the same way, the process's own RSS) now;
     zeros once it has exited. PSS divides each shared page among the processes sharing it, so its sum is the
-    tree's real footprint; the RSS sum counts the pages forked workers share with their parent in each of them."""
+    tree's real footprint; the RSS sum counts the pages forked workers share with their parent in each of them.
+    With `cpu_seconds`, each process's CPU time so far (user + system) is recorded there by pid."""
     import psutil
 
     try:
@@ -52,6 +53,9 @@ def tree_memory_bytes(pid: int) -> tuple[int, int, int]:
     for process in processes:
         try:
             info = process.memory_full_info()
+            if cpu_seconds is not None:
+                times = process.cpu_times()
+                cpu_seconds[process.pid] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss += info.rss
@@ -76,8 +80,9 @@ def run_stage_process(
     stage: str, arguments: dict[str, Any], cache_dir: str, timeout: float | None = None
 ) -> dict[str, Any]:
     """Run one stage in a fresh process whose datasets cache is `cache_dir`; return its own result with `wall_s`,
-    `peak_rss_gb` and `peak_pss_gb` (its process tree, see `tree_memory_bytes`) and `peak_main_rss_gb` (the stage's
-    process alone)."""
+    `peak_rss_gb` and `peak_pss_gb` (its process tree, see `tree_memory_bytes`), `peak_main_rss_gb` (the stage's
+    process alone) and `cpu_s` (the CPU time of its process tree as last sampled: on a machine shared with other
+    jobs, the part of the wall time that is this stage's own work)."""
     command = [
         sys.executable,
         "-c",
@@ -89,11 +94,12 @@ def run_stage_process(
     env = {**os.environ, "HF_DATASETS_CACHE": cache_dir}  # training reads the default cache: make it this one
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peaks = [0, 0, 0]
+    cpu_seconds: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(SAMPLE_S):
-            for index, value in enumerate(tree_memory_bytes(process.pid)):
+            for index, value in enumerate(tree_memory_bytes(process.pid, cpu_seconds)):
                 peaks[index] = max(peaks[index], value)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -114,7 +120,8 @@ def run_stage_process(
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     result = json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else {}
     rss, pss, own = (round(peak / 1e9, 3) for peak in peaks)
-    return {"wall_s": round(wall, 2), "peak_rss_gb": rss, "peak_pss_gb": pss, "peak_main_rss_gb": own, **result}
+    memory = {"peak_rss_gb": rss, "peak_pss_gb": pss, "peak_main_rss_gb": own}
+    return {"wall_s": round(wall, 2), "cpu_s": round(sum(cpu_seconds.values()), 1), **memory, **result}
 
 
 def stage_main(stage: str, arguments_json: str) -> None:
@@ -181,12 +188,12 @@ def _save_model(data_dir: str, model_dir: str, overrides: dict[str, Any]) -> dic
     return {"num_labels": len(names)}
 
 
-def _evaluate(data_dir: str, model_dir: str, images: int, batch_size: int) -> dict[str, Any]:
+def _evaluate(data_dir: str, model_dir: str, images: int, batch_size: int, copy_images: bool) -> dict[str, Any]:
     from imagenets_hf.data.imagenets import load_imagenets
     from imagenets_hf.evaluation.inference import evaluate_model
     from imagenets_hf.evaluation.run import load_model_and_processor
 
-    rows = load_imagenets(data_dir, "validation")
+    rows = load_imagenets(data_dir, "validation", copy_images=copy_images)
     total = len(rows)
     rows = rows.select(range(min(images, total)))
     model, processor = load_model_and_processor(model_dir, "cpu")
@@ -331,6 +338,7 @@ def run_scale_benchmark(
                 model_dir=paths["model"],
                 images=eval_images,
                 batch_size=batch_size,
+                copy_images=copy_images,
             )
             _per_image(result)
         if {"predict", "submission", "check"} & set(stages):
@@ -356,7 +364,9 @@ def run_scale_benchmark(
 
 
 def _per_image(result: dict[str, Any]) -> None:
-    """Seconds an image of the stage's loop, and that rate over the whole split (hours)."""
+    """Seconds an image of the stage's loop and that rate over the whole split (hours); and the CPU seconds an image
+    of the whole stage (start-up included), the cost that does not depend on what else the machine runs."""
     if result.get("images"):
         result["s_per_image"] = round(result["loop_s"] / result["images"], 4)
         result["split_hours"] = round(result["s_per_image"] * result["split_images"] / 3600, 2)
+        result["cpu_s_per_image"] = round(result["cpu_s"] / result["images"], 4)

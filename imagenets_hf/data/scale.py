@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -255,9 +256,8 @@ def make_scale_dataset(
             for task in tasks:
                 bar.update(_write_task(task))
         else:
-            from imagenets_hf.runtime import worker_context
-
-            with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+            # Spawned: drawing needs NumPy and PIL only (the DataLoaders' fork server preloads torch in each worker).
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for done in pool.map(_write_task, tasks):
                     bar.update(done)
     (root / SYNSET_FILE_NAME).write_text(
