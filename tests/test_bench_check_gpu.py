@@ -74,6 +74,21 @@ def test_eval_scale_step_fails_when_a_method_changes_the_class_map(monkeypatch):
     assert step.details["methods"]["bounds"] == row
 
 
+def test_eval_scale_step_fails_when_the_gpu_default_holds_too_much_memory(monkeypatch):
+    """On CUDA the chunked post-processing must stay under the bar (the former full resize needs 3.4 GiB for one
+    1000x1000 image); the CPU runs report no CUDA peak and are not held to it."""
+    from imagenets_hf.benchmarks import eval_scale
+
+    row = {"s_per_image": 0.5, "peak_rss_gb": 1.0}
+    chunks = {**row, "cuda_peak_gb": check_gpu.EVAL_SCALE_CUDA_PEAK_GB + 0.2}
+    result = {"machine": "m", "bounds": row, "chunks": chunks, "former": row, "maps_equal": True}
+    monkeypatch.setattr(eval_scale, "run_eval_scale_benchmark", lambda **kwargs: result)
+    with pytest.raises(CheckFailed, match=r"chunks peaked at 1.70 GB of CUDA memory \(bar 1.5 GB\)"):
+        check_gpu.check_eval_scale(torch.device("cpu"), check_gpu.toy_sizes())
+    chunks["cuda_peak_gb"] = 0.4
+    assert check_gpu.check_eval_scale(torch.device("cpu"), check_gpu.toy_sizes()).status == "pass"
+
+
 def test_a_failing_step_fails_the_command_and_hides_no_other(mini_dir, monkeypatch, capsys):
     """Without CUDA the check picks toy sizes by itself and says so; a step that finds a wrong result and one that
     raises are both reported (the raised one with its traceback), the next step still runs, and the exit status is 1."""

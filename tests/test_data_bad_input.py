@@ -195,14 +195,15 @@ def _break_three_validation_files(root: Path) -> set[str]:
     return {f"{WNIDS[0]}/{WNIDS[0]}_1", f"{WNIDS[1]}/{WNIDS[1]}_1", f"{WNIDS[2]}/{WNIDS[2]}_0"}
 
 
-def test_every_problem_of_a_split_in_one_error(root):
+@pytest.mark.parametrize("num_proc", [1, 3])
+def test_every_problem_of_a_split_in_one_error(root, num_proc):
     """Listing problems (pairing) and decoding problems (a truncated image, a bad id) come in one error, each
-    naming its file, rather than one kind per run."""
+    naming its file, rather than one kind per run; also when the files are read on several threads."""
     _break_three_validation_files(root)
     not_an_image = root / "validation" / WNIDS[1] / f"{WNIDS[1]}_1.png"
     not_an_image.write_bytes(b"plain text, not an image")
     with pytest.raises(ImageNetSDataError) as error:
-        _load(root)
+        _load(root, num_proc=num_proc)
     lines = str(error.value).splitlines()
     assert lines[0] == "4 bad file(s) in split 'validation':"
     assert sorted(line.strip().split(": ")[0] for line in lines[1:]) == sorted(
@@ -231,13 +232,14 @@ def test_many_problems_are_counted_beyond_the_listed_ones(tmp_path):
     assert len(lines) == 1 + 20 + 1 and lines[-1] == "  ... and 5 more"
 
 
-def test_skip_bad_skips_and_reports(root, caplog):
+@pytest.mark.parametrize("num_proc", [1, 3])
+def test_skip_bad_skips_and_reports(root, caplog, num_proc):
     good = _break_three_validation_files(root)
     with pytest.raises(ImageNetSDataError):
-        _load(root)
+        _load(root, num_proc=num_proc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = _load(root, skip_bad=True)
+        dataset = _load(root, skip_bad=True, num_proc=num_proc)
     notices = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
     assert len(notices) == 1, notices  # one notice (it came twice: a log line and a UserWarning)
     assert not [w for w in caught if "skipped" in str(w.message)]

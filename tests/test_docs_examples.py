@@ -84,6 +84,11 @@ NOT_RUN = {
     "python scripts/bench_eval_scale.py                   # 16 images of 375x500 and 2 of 1000x1000, batches of 8, "
     "CPU": "minutes of a shared CPU (the former path), the second line a GPU; the quick bench_eval_scale block and "
     "tests/test_bench_eval_scale.py run the same code",
+    "python scripts/make_mini_dataset.py --out data/ImageNetS919 --scale 919 && python scripts/bench_scale.py "
+    "--data-dir data/ImageNetS919 --work-dir /tmp/bench-scale": "writes 4.9 GB and takes tens of minutes; "
+    "tests/test_bench_scale.py runs every stage at a toy scale",
+    "python scripts/make_mini_dataset.py --out data/ImageNetS919 --scale 919   # 49,032 labelled and test images, "
+    "4.9 GB": "writes 4.9 GB in minutes; the --scale 3 block above and tests/test_data_scale.py run the same code",
     "python scripts/check_gpu.py                  # on a CUDA machine": "a GPU and minutes (its second line, toy "
     "sizes on the CPU, minutes of CI); tests/test_bench_check_gpu.py runs that second line",
 }

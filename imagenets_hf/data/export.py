@@ -27,6 +27,7 @@ from imagenets_hf.data.imagenets import (
     SPLITS,
     ImageNetS,
     _default_splits,
+    available_cores,
     default_synset_words,
     list_classes,
 )
@@ -77,6 +78,7 @@ def export_imagenets(
     synset_words: str | os.PathLike | None = None,
     skip_bad: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    num_proc: int | None = None,
 ) -> dict[str, int]:
     """Write the splits of a prepared ImageNet-S folder as parquet shards and a dataset card under ``out_dir``.
 
@@ -85,6 +87,8 @@ def export_imagenets(
     another subset into the same ``out_dir`` adds its config to the card; re-exporting replaces a config's files.
     Classes are named from ``synset_words``, by default ``<data_dir>/LOC_synset_mapping.txt`` when present (as in
     training and evaluation; `default_synset_words`), else by their wnids.
+
+    Files are read and checked on `num_proc` threads (default: every core this process may use).
 
     Returns the number of rows written per split.
     """
@@ -105,7 +109,12 @@ def export_imagenets(
             fingerprint="export",  # nothing cached: the builder writes parquet straight into work_dir
         )
         parquet_dir = os.path.join(work_dir, "parquet")
-        builder.download_and_prepare(output_dir=parquet_dir, file_format="parquet", max_shard_size=max_shard_size)
+        builder.download_and_prepare(
+            output_dir=parquet_dir,
+            file_format="parquet",
+            max_shard_size=max_shard_size,
+            num_proc=num_proc or available_cores(),
+        )
         config_name = builder.config.name
         config_dir = out_dir / config_name
         config_dir.mkdir(exist_ok=True)

@@ -15,12 +15,15 @@ mask), ``image_id`` ("wnid/stem") and ``label`` (the image's class from its fold
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import datasets
@@ -53,6 +56,7 @@ CUSTOM_CONFIG_NAME = "custom"
 CONFIG_NAMES = (*SUBSETS, MINI_CONFIG_NAME, CUSTOM_CONFIG_NAME)
 MAX_PROBLEMS_SHOWN = 20
 EXAMPLES_PER_SHARD = 1000
+ROWS_PER_THREAD = 16  # rows each thread reads ahead while the Arrow cache is built
 
 _VERSION = datasets.Version("1.0.0")
 
@@ -321,12 +325,16 @@ class ImageNetSConfig(datasets.BuilderConfig):
         splits: splits to generate (default: those of train_semi, validation, test present in the folder).
         skip_bad: skip bad labelled files (reported with a warning) instead of raising.
         fingerprint: folder fingerprint keying the cache (computed by the builder when not given).
+        copy_images: store each image's bytes in the Arrow cache (True, the default: the cache stands alone, as a
+            Hub dataset would); False stores the image's absolute path only and reads the file when a row is
+            decoded, so the cache holds no second copy of the images but needs the folder to stay where it is.
     """
 
     synset_words: str | None = None
     splits: tuple[str, ...] | None = None
     skip_bad: bool = False
     fingerprint: str | None = None
+    copy_images: bool = True
 
 
 class ImageNetS(datasets.GeneratorBasedBuilder):
@@ -369,11 +377,15 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
     # While the Arrow cache is built every file of a split is checked and the bad ones are listed together at the
     # end; a streamed split raises at its first bad file (a stream's end may be an epoch away).
     _check_whole_split = False
+    _num_proc: int | None = None
 
-    def download_and_prepare(self, *args, **kwargs):
-        """As datasets', but a bad file raises our error naming it: datasets wraps generation errors in a message
-        without the file."""
-        self._check_whole_split = True
+    def download_and_prepare(self, *args, num_proc: int | None = None, **kwargs):
+        """As datasets', but a bad file raises our error naming it (datasets wraps generation errors in a message
+        without the file), and `num_proc` is the number of threads reading and checking the files (default 1): one
+        process writes each split in order, the file reading, decoding and mask re-encoding run on `num_proc`
+        cores (datasets' own `num_proc`, a process per shard, would split the bad-file report among processes and
+        lose our error on the way back)."""
+        self._check_whole_split, self._num_proc = True, num_proc
         try:
             return super().download_and_prepare(*args, **kwargs)
         except DatasetGenerationError as err:
@@ -381,7 +393,7 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
                 raise err.__cause__ from None
             raise
         finally:
-            self._check_whole_split = False
+            self._check_whole_split, self._num_proc = False, None
 
     def _info(self) -> datasets.DatasetInfo:
         wnids = list_classes(self.config.data_dir)
@@ -427,31 +439,45 @@ class ImageNetS(datasets.GeneratorBasedBuilder):
         stop_at_first = not self.config.skip_bad and not self._check_whole_split
         if stop_at_first:
             _report_problems(split, problems, skip_bad=False)
-        examples = (example for shard in shards for example in shard)
-        for image_id, label, image_path, mask_path in examples:
-            try:
-                image_bytes = Path(image_path).read_bytes()
-                image_size = check_image_bytes(image_bytes, image_path)
-                annotation = None
-                if mask_path is not None:
-                    ids = read_mask_ids(mask_path, num_classes, image_size, image_path)
-                    annotation = {"bytes": annotation_png_bytes(ids), "path": f"{image_id}.png"}
-            except ImageNetSDataError as err:
-                if stop_at_first:
-                    raise
-                problems.append(str(err))
-                continue
-            yield (
-                image_id,
-                {
-                    # Original bytes: the JPEG is stored as it is, never re-encoded.
-                    "image": {"bytes": image_bytes, "path": f"{image_id.split('/')[0]}/{Path(image_path).name}"},
-                    "annotation": annotation,
-                    "image_id": image_id,
-                    "label": label,
-                },
-            )
+        examples = [example for shard in shards for example in shard]
+        copy_images = self.config.copy_images
+        threads = max(1, self._num_proc or 1)
+        with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+            read = pool.map if pool is not None else map
+            # A window of rows at a time, in order: decoding and checking release the GIL, so threads use the cores
+            # while one thread writes the Arrow file; the window bounds the rows held at once.
+            for start in range(0, len(examples), threads * ROWS_PER_THREAD):
+                window = examples[start : start + threads * ROWS_PER_THREAD]
+                rows = read(_read_example, window, repeat(num_classes))
+                for (image_id, label, image_path, _), (image_bytes, annotation, error) in zip(window, rows):
+                    if error is not None:
+                        if stop_at_first:
+                            raise error
+                        problems.append(str(error))
+                        continue
+                    # Original bytes: the JPEG is stored as it is, never re-encoded (or only its path).
+                    image = {"bytes": image_bytes, "path": f"{image_id.split('/')[0]}/{Path(image_path).name}"}
+                    if not copy_images:
+                        image = {"bytes": None, "path": image_path}
+                    yield image_id, {"image": image, "annotation": annotation, "image_id": image_id, "label": label}
         _report_problems(split, problems, self.config.skip_bad)
+
+
+def _read_example(
+    example: tuple[str, int, str, str | None], num_classes: int
+) -> tuple[bytes | None, dict | None, ImageNetSDataError | None]:
+    """(image bytes, annotation value, None) of one example after checking its files, or (None, None, the error)."""
+    image_id, _, image_path, mask_path = example
+    try:
+        image_bytes = Path(image_path).read_bytes()
+        image_size = check_image_bytes(image_bytes, image_path)
+        annotation = None
+        if mask_path is not None:
+            ids = read_mask_ids(mask_path, num_classes, image_size, image_path)
+            annotation = {"bytes": annotation_png_bytes(ids), "path": f"{image_id}.png"}
+    except ImageNetSDataError as err:
+        return None, None, err
+    return image_bytes, annotation, None
 
 
 def _shards(examples: list) -> list[list]:
@@ -472,6 +498,8 @@ def load_imagenets(
     synset_words: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     skip_bad: bool = False,
+    num_proc: int | None = None,
+    copy_images: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """One split of a prepared ImageNet-S folder as a `datasets.Dataset` (an `IterableDataset` when streaming).
 
@@ -485,6 +513,10 @@ def load_imagenets(
             and the path, size and modification time of its files, so a changed folder is rebuilt.
         skip_bad: skip bad files (corrupt images or masks, unpaired files, wrong mask size or ids) with a warning
             that counts and lists them, instead of raising.
+        num_proc: threads reading and checking the files while the Arrow cache is built (default: every core this
+            process may use); the cache is the same whatever the number.
+        copy_images: False stores the images' paths instead of their bytes in the cache (no second copy of the
+            images; the folder must then stay where it is). A separate cache from the default one.
     """
     split = split_name(split)
     if streaming is None:
@@ -494,6 +526,8 @@ def load_imagenets(
         kwargs["fingerprint"] = "streaming"  # nothing is cached when streaming
     if streaming or split not in DEFAULT_SPLITS:
         kwargs["splits"] = (split,)
+    if not copy_images:
+        kwargs["copy_images"] = False  # only when set: the default cache's config id stays as it was
     builder = ImageNetS(
         data_dir=data_dir,
         config_name=subset,
@@ -506,5 +540,13 @@ def load_imagenets(
         list_split(data_dir, split, [])  # raises: the split's folder is missing
     if streaming:
         return builder.as_streaming_dataset(split=split)
-    builder.download_and_prepare()
+    builder.download_and_prepare(num_proc=num_proc or available_cores())
     return builder.as_dataset(split=split)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the default number of threads building a cache or decoding a split)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -34,6 +34,7 @@ from imagenets_hf.data.augment import (
     open_image,
 )
 from imagenets_hf.data.augment_device import HostStaging, PixelStore, augment_batch
+from imagenets_hf.data.imagenets import available_cores
 from imagenets_hf.data.packed_masks import PackedMasks, run_length_encode
 from imagenets_hf.data.transforms import to_tv_tensors
 from imagenets_hf.runtime import worker_context
@@ -268,8 +269,7 @@ def decode_threads(local_processes: int | None = None) -> int:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
         except ValueError:
             local_processes = 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores // max(1, local_processes)))
+    return max(1, min(16, available_cores() // max(1, local_processes)))
 
 
 def pack_train_masks(rows: Any, threads: int | None = None) -> PackedMasks:
