@@ -21,42 +21,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
+from imagenets_hf.evaluation.folders import (  # noqa: F401 (also importable from here, as before)
+    IMAGE_EXTENSIONS,
+    default_masks_dir,
+    list_images,
+    prediction_path,
+    scan_image_folder,
+)
 from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
 from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
 from imagenets_hf.runtime import bounded_batches, worker_context
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # Smaller than one 16-pixel ViT patch on a side: predicted (the processor upsamples it) but the result means little.
 MIN_IMAGE_SIDE = 16
 # Where predict.py --skip-bad lists the images it skipped (beside the masks; a submission zip takes only .png files).
 SKIPPED_FILE_NAME = "skipped_images.txt"
-
-
-def scan_image_folder(images_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(images, others): the paths relative to `images_dir` of its image files (by extension) and of its other
-    files, both sorted; hidden files are in neither."""
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root}")
-    images, others = [], []
-    for path in root.rglob("*"):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
-            kind = images if path.suffix.lower() in IMAGE_EXTENSIONS else others
-            kind.append(path.relative_to(root).as_posix())
-    return sorted(images), sorted(others)
-
-
-def list_images(images_dir: str | os.PathLike) -> list[str]:
-    """Image paths relative to `images_dir` ("wnid/name.JPEG", or "name.JPEG" at the top), sorted."""
-    found = scan_image_folder(images_dir)[0]
-    if not found:
-        raise FileNotFoundError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return found
-
-
-def prediction_path(relative_image_path: str) -> str:
-    """The mask file name for an image: same folder, extension .png."""
-    return os.path.splitext(relative_image_path)[0] + ".png"
 
 
 def read_image(path: str | os.PathLike) -> tuple[Image.Image, list[str]]:
@@ -130,13 +109,6 @@ class FolderPrediction:
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-
-def default_masks_dir(images_dir: str | os.PathLike) -> Path | None:
-    """`<root>/validation-segmentation` beside `<root>/validation` (the official layout), if it exists."""
-    images_dir = Path(images_dir).resolve()
-    candidate = images_dir.with_name(images_dir.name + "-segmentation")
-    return candidate if candidate.is_dir() else None
 
 
 def predict_folder(

@@ -1,102 +1,18 @@
-"""What the evaluation scripts run: load a saved model, evaluate a split, predict a folder, write a submission."""
+"""What the evaluation scripts run: evaluate a split, predict a folder, write a submission (the top of
+`imagenets_hf.evaluation`: nothing in the package imports this module)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-def load_model_and_processor(
-    model_name_or_path: str | os.PathLike,
-    device: torch.device | str | None = None,
-    names: list[str] | None = None,
-):
-    """A saved `ViTFCNForSemanticSegmentation` (folder or Hub id) in float32 and its image processor (the default
-    evaluation processor, with a warning, when none was saved). A training checkpoint folder
-    (`<run>/checkpoints/checkpoint_<N>`) gives its model as the run's recipe builds it (see `load_checkpoint_model`;
-    `names` are its class names, by default those of the run's data folder)."""
-    from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
-    from imagenets_hf.training.checkpoints import is_checkpoint_folder, load_checkpoint_model
-
-    name = os.fspath(model_name_or_path)
-    check_model_location(name)
-    if is_checkpoint_folder(name):
-        model, processor = load_checkpoint_model(name, names)
-        if device is not None:
-            model.to(device)
-        return model.eval(), processor
-    try:
-        model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
-    except OSError as err:  # transformers' message does not say which model it was loading
-        raise OSError(f"{name}: cannot load the model: {' '.join(str(err).split())}") from err
-    try:
-        processor = ViTFCNImageProcessor.from_pretrained(name)
-    except OSError:
-        warnings.warn(f"{name}: no image processor saved; using the default evaluation preprocessing", stacklevel=2)
-        processor = ViTFCNImageProcessor()
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
-
-
-def check_model_location(name: str) -> None:
-    """Refuse a model that is neither a saved model folder nor an `owner/name` Hub id before transformers looks it
-    up on the Hub (a mistyped local folder would otherwise end in a network error)."""
-    from imagenets_hf.model.convert import looks_like_hub_repo_id
-    from imagenets_hf.training.checkpoints import is_checkpoint_folder
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not is_checkpoint_folder(path):
-            raise FileNotFoundError(
-                f"{name}: not a saved model folder (no config.json); give the folder that finetune.py or "
-                "convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
-            )
-    elif path.exists():
-        raise NotADirectoryError(
-            f"{name}: a file, not a model folder; give the folder holding config.json and the weights "
-            "(convert_checkpoint.py makes one from a checkpoint file)"
-        )
-    elif not looks_like_hub_repo_id(name):
-        raise FileNotFoundError(f"no such model folder: {name}")
-    elif not _hub_reachable():
-        # A missing local folder such as outputs/demoo has the shape of a Hub id too: say so at once rather than
-        # after transformers' retries end in a connection error.
-        raise FileNotFoundError(
-            f"no such model folder: {name} (and the Hugging Face Hub cannot be reached from here to look for a "
-            "repository of that name)"
-        )
-
-
-def _hub_reachable() -> bool:
-    """False when the Hub's host name does not even resolve (no network), or offline mode is on; True otherwise."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True  # transformers reads the local cache then, and says so itself
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:
-    """Class names ("other" first), using `<data_dir>/LOC_synset_mapping.txt` when no synset file is given."""
-    from imagenets_hf.data.imagenets import class_names, default_synset_words
-
-    if synset_words is None:
-        synset_words = default_synset_words(data_dir)
-    return class_names(data_dir, synset_words=synset_words)
+from imagenets_hf.evaluation.loading import (  # noqa: F401 (also importable from here, as before)
+    check_model_location,
+    dataset_class_names,
+    load_model_and_processor,
+)
 
 
 def run_evaluation(
@@ -187,7 +103,8 @@ def run_prediction(
     `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip. Files that are not images (by
     extension) are counted and named; an unreadable image raises, or with `skip_bad` is skipped and listed (also in
     `<out_dir>/skipped_images.txt`)."""
-    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, list_images, predict_folder, scan_image_folder
+    from imagenets_hf.evaluation.folders import list_images, scan_image_folder
+    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, predict_folder
 
     # The inputs first: a wrong folder or file is said before anything heavy is imported, loaded or predicted.
     list_images(images_dir)
