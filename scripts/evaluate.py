@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synset-words", help="LOC_synset_mapping.txt for class names")
     parser.add_argument("--cache-dir", help="datasets cache folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
+    cli.add_inference_mode_arguments(parser)
     args = parser.parse_args(argv)
+    mode = cli.inference_mode(args, parser)
     if args.no_progress:
         cli.disable_progress_bars()
     run_evaluation(
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         synset_words=args.synset_words,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        mode=mode,
     )
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from imagenets_hf.evaluation.modes import InferenceMode
+
 
 def load_model_and_processor(
     model_name_or_path: str | os.PathLike,
@@ -97,3 +99,34 @@ def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.Path
     if synset_words is None:
         synset_words = default_synset_words(data_dir)
     return class_names(data_dir, synset_words=synset_words)
+
+
+def recipe_crop_size(model_name_or_path: str | os.PathLike) -> int | None:
+    """The training crop of the recipe a model was trained with (`crop_size` of the `recipe.yaml` in its folder, or
+    in a training checkpoint's run folder): slide inference's default window. None when there is no such file (a
+    Hub id, or a folder that convert_checkpoint.py wrote)."""
+    from imagenets_hf.training.checkpoints import checkpoint_run_folder, is_checkpoint_folder
+    from imagenets_hf.training.recipes import read_overrides
+    from imagenets_hf.training.run_folder import RECIPE_FILE_NAME
+
+    path = Path(model_name_or_path).expanduser()
+    folder = checkpoint_run_folder(path) if is_checkpoint_folder(path) else path
+    recipe_file = folder / RECIPE_FILE_NAME
+    if not recipe_file.is_file():
+        return None
+    return read_overrides(recipe_file).get("crop_size")
+
+
+def resolve_mode(mode: InferenceMode | None, model_name_or_path: str | os.PathLike) -> InferenceMode:
+    """The inference mode to run (default: the official protocol), a slide window left out taken from the model's
+    recipe (`recipe_crop_size`)."""
+    mode = mode or InferenceMode()
+    if mode.mode == "slide" and mode.crop_size is None:
+        crop_size = recipe_crop_size(model_name_or_path)
+        if crop_size is None:
+            raise ValueError(
+                f"{model_name_or_path}: no recipe.yaml beside the model to take slide's window from (its crop_size); "
+                "pass --crop-size"
+            )
+        mode = mode.with_crop_size(crop_size)
+    return mode.with_crop_size(None)

@@ -29,6 +29,7 @@ from imagenets_hf.evaluation.folders import (  # noqa: F401 (also importable fro
     scan_image_folder,
 )
 from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
+from imagenets_hf.evaluation.modes import InferenceMode
 from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
 from imagenets_hf.runtime import bounded_batches, worker_context
 
@@ -126,6 +127,7 @@ def predict_folder(
     world_size: int = 1,
     skip_bad: bool = False,
     timeout: float = 300.0,
+    mode: InferenceMode | None = None,
 ) -> FolderPrediction:
     """Predict every image under `images_dir` and write `<out_dir>/<wnid>/<name>.png` (official encoding).
 
@@ -142,6 +144,7 @@ def predict_folder(
         skip_bad: skip images that cannot be read (listed in the result) instead of raising ValueError naming the
             first one.
         timeout: seconds a batch from the workers may take before the prediction stops with one line.
+        mode: an `InferenceMode` (sliding windows, multi-scale + flip); default the official protocol.
 
     Warnings about an image (too small, very large: see `read_image`) are printed to stderr as it is predicted.
 
@@ -181,7 +184,9 @@ def predict_folder(
             if not batch:
                 continue
             images = [item.image for item in batch]
-            predictions = predict_segmentation(model, image_processor, images, dtype=dtype, batch_size=batch_size)
+            predictions = predict_segmentation(
+                model, image_processor, images, dtype=dtype, batch_size=batch_size, mode=mode
+            )
             for item, prediction in zip(batch, predictions):
                 target = out_root / prediction_path(item.relative)
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imagenets_hf.evaluation.loading import (  # noqa: F401 (also importable from here, as before)
+from imagenets_hf.evaluation.loading import (  # also importable from here, as before loading.py
     check_model_location,
     dataset_class_names,
     load_model_and_processor,
+    resolve_mode,
 )
+from imagenets_hf.evaluation.modes import InferenceMode
 
 
 def run_evaluation(
@@ -28,12 +30,15 @@ def run_evaluation(
     synset_words: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    mode: InferenceMode | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved model on a split by the official protocol; print the per-class table and summary, write the
-    JSON and the chart (main process only). Runs under `accelerate launch` as well (exact across processes)."""
+    """Evaluate a saved model on a split by the official protocol (or `mode`: sliding windows, multi-scale + flip);
+    print the per-class table and summary, write the JSON (which records the mode) and the chart (main process
+    only). Runs under `accelerate launch` as well (exact across processes)."""
     # The inputs first: a wrong folder is said before anything heavy is imported or loaded.
     names = dataset_class_names(data_dir, synset_words)
     check_model_location(os.fspath(model_name_or_path))
+    mode = resolve_mode(mode, model_name_or_path)
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise ModuleNotFoundError(
             "the per-class IoU chart needs matplotlib: pip install matplotlib (or leave --plot out)"
@@ -65,15 +70,18 @@ def run_evaluation(
         progress=progress,
         dtype=dtype,
         num_workers=num_workers,
+        mode=mode,
     )
     if accelerator.is_main_process:
         print(format_iou_table(metrics, names))
+        print(f"inference: {mode.describe()}")
         info = {
             "model": os.fspath(model_name_or_path),
             "data_dir": os.fspath(data_dir),
             "split": split,
             "dtype": dtype or "fp32",
             "num_processes": accelerator.num_processes,
+            "inference": mode.to_dict(),
         }
         if output is not None:
             print(f"metrics written to {write_metrics_json(metrics, output, names, **info)}")
@@ -98,11 +106,12 @@ def run_prediction(
     num_workers: int = 2,
     progress: bool = True,
     skip_bad: bool = False,
+    mode: InferenceMode | None = None,
 ) -> dict[str, Any]:
     """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
     `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip. Files that are not images (by
     extension) are counted and named; an unreadable image raises, or with `skip_bad` is skipped and listed (also in
-    `<out_dir>/skipped_images.txt`)."""
+    `<out_dir>/skipped_images.txt`). `mode`: as `run_evaluation`."""
     from imagenets_hf.evaluation.folders import list_images, scan_image_folder
     from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, predict_folder
 
@@ -111,6 +120,7 @@ def run_prediction(
     check_model_location(os.fspath(model_name_or_path))
     if submission is not None and method_file is not None and not Path(method_file).is_file():
         raise FileNotFoundError(f"no such method file: {method_file}")
+    mode = resolve_mode(mode, model_name_or_path)
 
     from imagenets_hf.evaluation.submission import make_submission
     from imagenets_hf.runtime import accelerator_available, make_accelerator
@@ -137,12 +147,18 @@ def run_prediction(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         skip_bad=skip_bad,
+        mode=mode,
     )
     accelerator.wait_for_everyone()
     skipped = [line for lines in _gather_lists(accelerator, done.skipped) for line in lines]
-    result: dict[str, Any] = {"predictions": len(done.written), "out_dir": os.fspath(out_dir), "skipped": skipped}
+    result: dict[str, Any] = {
+        "predictions": len(done.written),
+        "out_dir": os.fspath(out_dir),
+        "skipped": skipped,
+        "inference": mode.to_dict(),
+    }
     if accelerator.is_main_process:
-        print(f"{len(done.written)} predictions written to {out_dir} (this process)")
+        print(f"{len(done.written)} predictions written to {out_dir} (this process; inference: {mode.describe()})")
         if skipped:
             skipped_file = Path(out_dir) / SKIPPED_FILE_NAME
             skipped_file.parent.mkdir(parents=True, exist_ok=True)
