@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a saved ImageNet-S segmentation model on a split by the official protocol.
+"""Evaluate a saved ImageNet-S segmentation model on a split by the official protocol (or another inference mode).
 
 python scripts/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split validation] [--output metrics.json]
     [--plot chart.png] [--batch-size 8] [--dtype bf16]
+    [--mode slide [--crop-size 224] [--stride 149]] [--scales mmseg | --scales 0.5 1.0 1.5] [--flip]
 accelerate launch --num_processes 2 scripts/evaluate.py ...   # same numbers, split across processes
 """
 

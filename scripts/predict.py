@@ -2,7 +2,7 @@
 """Predict a folder of images and write masks in the official encoding (optionally a test-server zip).
 
 python scripts/predict.py --model DIR --images DATA/test --out PRED [--submission submission.zip
-    --method-file method.txt] [--overlay] [--skip-bad]
+    --method-file method.txt] [--overlay] [--skip-bad] [--mode slide] [--scales mmseg] [--flip]
 """
 
 import sys

@@ -218,9 +218,9 @@ def test_scale_list_one_equals_whole(tiny):
     images = random_images([*SIZES, (45, 60)], seed=2)  # 45 x 60 is over max_pixels
     whole = predict_segmentation(model, processor, images)
     assert np.array_equal(predict_segmentation(model, processor, images, mode=InferenceMode(scales=[1.0]))[0], whole[0])
-    for image, expected in zip(images, whole):
-        views = _predict_views(model, processor, image, InferenceMode(scales=(1.0,)), torch.device("cpu"), None, 8)
-        assert np.array_equal(views.numpy(), expected)
+    views = _predict_views(model, processor, images, InferenceMode(scales=(1.0,)), torch.device("cpu"), None, 8)
+    for prediction, expected in zip(views, whole):
+        assert np.array_equal(prediction.numpy(), expected)
 
 
 def test_scales_feed_the_processors_sizes_times_the_scale(tiny):

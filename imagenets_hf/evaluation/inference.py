@@ -5,7 +5,7 @@ Protocol (the model's `ViTFCNImageProcessor` does the resizing): short side 256,
 whole image in one forward; logits bilinear to the original size; argmax; images above 1000 x 1000 pixels at long side
 1000, then nearest up. A ViT attends globally, so padding images to a common size would change their predictions:
 a batch is split into groups of images with the same processed size instead. Under another mode, the views and
-windows of an image that share a size are batched together.
+windows of the images that share a size are batched together.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def predict_segmentation_tensors(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = resolve_dtype(dtype)
     if mode is not None and not mode.official:
-        return [_predict_views(model, image_processor, image, mode, device, dtype, batch_size) for image in images]
+        return _predict_views(model, image_processor, images, mode, device, dtype, batch_size)
     sizes = [image_size(image) for image in images]
     groups: dict[tuple[int, int], list[int]] = {}
     for index, (height, width) in enumerate(sizes):
@@ -86,49 +86,51 @@ def predict_segmentation_tensors(
 def _predict_views(
     model: torch.nn.Module,
     image_processor: Any,
-    image: Any,
+    images: Sequence[Any],
     mode: InferenceMode,
     device: torch.device,
     dtype: torch.dtype | None,
     batch_size: int | None,
-) -> torch.Tensor:
-    """One image's class map under a mode other than the official one: each view's inputs (windows of the scaled,
-    possibly mirrored image), same-size inputs batched (`batch_size` at most), then `combine_views`."""
+) -> list[torch.Tensor]:
+    """Class maps under a mode other than the official one: each image's views (windows of the scaled, possibly
+    mirrored image), inputs of the same size batched across the images (`batch_size` a forward at most), then
+    `combine_views` image by image. The views' low-resolution logits of all `images` are held until then."""
     mode = mode.with_crop_size(None)  # slide: the default stride; without a window, a ValueError saying to give one
-    height, width = image_size(image)
-    views, inputs = [], []
-    for scale, flipped in mode.views:
-        pixel_values = scaled_processor(image_processor, scale)(image, return_tensors="pt")["pixel_values"][0]
-        if flipped:
-            pixel_values = pixel_values.flip(-1)
-        size = tuple(pixel_values.shape[-2:])
-        windows = (
-            slide_windows(*size, mode.crop_size, mode.stride) if mode.mode == "slide" else [(0, size[0], 0, size[1])]
-        )
-        view = View(size, windows, flipped, [None] * len(windows))
-        views.append(view)
-        inputs += [
-            (view, i, pixel_values[:, top:bottom, left:right]) for i, (top, bottom, left, right) in enumerate(windows)
-        ]
+    views: list[list[View]] = []
     groups: dict[tuple[int, ...], list[tuple[View, int, torch.Tensor]]] = {}
-    for item in inputs:
-        groups.setdefault(tuple(item[2].shape), []).append(item)
-    chunk = batch_size or len(inputs)
+    for image in images:
+        views.append([])
+        for scale, flipped in mode.views:
+            pixel_values = scaled_processor(image_processor, scale)(image, return_tensors="pt")["pixel_values"][0]
+            if flipped:
+                pixel_values = pixel_values.flip(-1)
+            size = tuple(pixel_values.shape[-2:])
+            whole = [(0, size[0], 0, size[1])]
+            windows = slide_windows(*size, mode.crop_size, mode.stride) if mode.mode == "slide" else whole
+            view = View(size, windows, flipped, [None] * len(windows))
+            views[-1].append(view)
+            for i, (top, bottom, left, right) in enumerate(windows):
+                window = pixel_values[:, top:bottom, left:right]
+                groups.setdefault(tuple(window.shape), []).append((view, i, window))
     for group in groups.values():
+        chunk = batch_size or len(group)
         for start in range(0, len(group), chunk):
             part = group[start : start + chunk]
             with _autocast(device, dtype):
                 logits = model(pixel_values=torch.stack([x for _, _, x in part]).to(device)).logits
             for (view, i, _), window_logits in zip(part, logits.float()):
                 view.logits[i] = window_logits
-    working = image_processor.working_size(height, width)
-    prediction = combine_views(views, working)
-    if working != (height, width):  # a large image: predicted at its working size, then nearest up (the protocol's)
-        prediction = torch.nn.functional.interpolate(
-            prediction[None, None].float(), size=(height, width), mode="nearest"
-        )
-        prediction = prediction[0, 0].long()
-    return prediction
+    results = []
+    for image, image_views in zip(images, views):
+        height, width = image_size(image)
+        working = image_processor.working_size(height, width)
+        prediction = combine_views(image_views, working)
+        if working != (height, width):  # a large image: predicted at its working size, then nearest up (the protocol's)
+            prediction = torch.nn.functional.interpolate(
+                prediction[None, None].float(), size=(height, width), mode="nearest"
+            )[0, 0].long()
+        results.append(prediction)
+    return results
 
 
 def predict_segmentation(

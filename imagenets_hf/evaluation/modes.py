@@ -245,7 +245,9 @@ def combine_views(views: Sequence[View], size: tuple[int, int], chunk_elements: 
         return resized_argmax(views[0].logits[0], size, chunk_elements)
     num_classes = views[0].logits[0].shape[0]
     chunk_elements = RESIZE_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    step = max(1, min(num_classes, chunk_elements // max(1, size[0] * size[1])))
+    # A chunk's largest map: the image's, or a sliding view's input where windows are summed (a scale above 1).
+    pixels = max([size[0] * size[1]] + [view.size[0] * view.size[1] for view in views if not view.is_whole])
+    step = max(1, min(num_classes, chunk_elements // max(1, pixels)))
     chunks = [(start, min(start + step, num_classes)) for start in range(0, num_classes, step)]
     best = _RunningArgmax()
     if len(views) == 1:
