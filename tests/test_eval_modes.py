@@ -168,6 +168,9 @@ def test_a_slide_mode_takes_its_window_from_the_recipe_and_records_itself():
     }
     assert resolved.describe() == "slide 96x96 every 64x64, scales 0.5, 0.75, 1, 1.25, 1.5, 1.75 + flip"
     assert InferenceMode().official and InferenceMode().describe() == "whole (official protocol)"
+    import imagenets_hf
+
+    assert imagenets_hf.InferenceMode is InferenceMode  # importable from the package, as predict_segmentation
     assert not InferenceMode(flip=True).official and not InferenceMode(scales=(0.5,)).official
 
 
