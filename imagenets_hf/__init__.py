@@ -33,6 +33,7 @@ _LAZY = {
     "SegmentationEvaluator": "imagenets_hf.evaluation.metrics",
     "evaluate_model": "imagenets_hf.evaluation.inference",
     "predict_segmentation": "imagenets_hf.evaluation.inference",
+    "InferenceMode": "imagenets_hf.evaluation.modes",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -131,6 +131,55 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def pixel_size(text: str) -> tuple[int, int]:
+    """argparse type: a size in pixels, "96" (square) or "96x128" (height x width), each at least 1."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected N or HxW pixels (e.g. 224 or 224x320), got {text!r}")
+    height, width = (int(parts[0]), int(parts[-1]))
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"expected sizes of at least 1 pixel, got {text!r}")
+    return height, width
+
+
+def add_inference_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inference-mode options of evaluate.py and predict.py (see `imagenets_hf.evaluation.modes`)."""
+    group = parser.add_argument_group("inference mode (default: the official protocol, whole image)")
+    group.add_argument("--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding windows")
+    group.add_argument(
+        "--crop-size",
+        type=pixel_size,
+        help="slide: window, N or HxW pixels of the processed image (default: the recipe's crop_size)",
+    )
+    group.add_argument("--stride", type=pixel_size, help="slide: step between windows (default: 2/3 of the window)")
+    group.add_argument(
+        "--scales",
+        nargs="+",
+        metavar="SCALE",
+        help="test-time augmentation: scales of the processor's sizes, e.g. 0.5 1.0 1.5; 'mmseg' for 0.5 0.75 1.0 "
+        "1.25 1.5 1.75 (default: 1.0)",
+    )
+    group.add_argument("--flip", action="store_true", help="test-time augmentation: also predict the mirror images")
+
+
+def inference_mode(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The `InferenceMode` of `add_inference_mode_arguments`' options; a bad combination is a usage error."""
+    from imagenets_hf.evaluation.modes import MMSEG_SCALES, InferenceMode
+
+    scales = (1.0,)
+    if args.scales == ["mmseg"]:
+        scales = MMSEG_SCALES
+    elif args.scales:
+        try:
+            scales = tuple(float(text) for text in args.scales)
+        except ValueError:
+            parser.error(f"--scales: expected numbers (or 'mmseg'), got {' '.join(args.scales)!r}")
+    try:
+        return InferenceMode(args.mode, args.crop_size, args.stride, scales, args.flip)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def split_choice(*choices: str) -> Callable[[str], str]:
     """argparse type: a split name among `choices` ("train_semi", "validation", ...), also taken in its folder's
     spelling with hyphens ("train-semi"); the value is the split name with underscores."""

@@ -146,8 +146,8 @@ def find_examples(
         root = next((Path(d) for d in default_dirs if Path(d).is_dir()), None)
         if root is None:
             return []
+    from imagenets_hf.evaluation.folders import list_images
     from imagenets_hf.evaluation.overlays import spread_indices
-    from imagenets_hf.evaluation.predict import list_images
 
     relative = list_images(root)  # FileNotFoundError naming the folder when it holds no image
     return [str((root / relative[i]).resolve()) for i in spread_indices(len(relative), count)]
@@ -187,7 +187,7 @@ class Segmenter:
     ) -> None:
         import torch
 
-        from imagenets_hf.evaluation.run import load_model_and_processor
+        from imagenets_hf.evaluation.loading import load_model_and_processor
 
         if device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"

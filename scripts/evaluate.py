@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a saved ImageNet-S segmentation model on a split by the official protocol.
+"""Evaluate a saved ImageNet-S segmentation model on a split by the official protocol (or another inference mode).
 
 python scripts/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split validation] [--output metrics.json]
     [--plot chart.png] [--batch-size 8] [--dtype bf16]
+    [--mode slide [--crop-size 224] [--stride 149]] [--scales mmseg | --scales 0.5 1.0 1.5] [--flip]
 accelerate launch --num_processes 2 scripts/evaluate.py ...   # same numbers, split across processes
 """
 
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synset-words", help="LOC_synset_mapping.txt for class names")
     parser.add_argument("--cache-dir", help="datasets cache folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
+    cli.add_inference_mode_arguments(parser)
     args = parser.parse_args(argv)
+    mode = cli.inference_mode(args, parser)
     if args.no_progress:
         cli.disable_progress_bars()
     run_evaluation(
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         synset_words=args.synset_words,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        mode=mode,
     )
 
 

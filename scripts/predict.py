@@ -2,7 +2,7 @@
 """Predict a folder of images and write masks in the official encoding (optionally a test-server zip).
 
 python scripts/predict.py --model DIR --images DATA/test --out PRED [--submission submission.zip
-    --method-file method.txt] [--overlay] [--skip-bad]
+    --method-file method.txt] [--overlay] [--skip-bad] [--mode slide] [--scales mmseg] [--flip]
 """
 
 import sys
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (GPU)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (ours, datasets', transformers')")
+    cli.add_inference_mode_arguments(parser)
     args = parser.parse_args(argv)
+    mode = cli.inference_mode(args, parser)
     if args.no_progress:
         cli.disable_progress_bars()
     run_prediction(
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=args.num_workers,
         progress=not args.no_progress,
         skip_bad=args.skip_bad,
+        mode=mode,
     )
 
 

@@ -126,6 +126,11 @@ def test_other_usage_errors(data_dir, tmp_path, monkeypatch, capsys):
         ("bench_model", ["--batch-size", "0"], "argument --batch-size: expected an integer of at least 1, got 0"),
         ("bench_metric", ["--images", "-5"], "argument --images: expected an integer of at least 1, got -5"),
         ("bench_eval_scale", ["--images", "0"], "argument --images: expected an integer of at least 1, got 0"),
+        (
+            "bench_modes",
+            ["--model", "m", "--data-dir", "d", "--images", "0"],
+            "argument --images: expected an integer of at least 1, got 0",
+        ),
     ],
 )
 def test_benchmarks_refuse_counts_that_measure_nothing(script, args, line, monkeypatch, capsys):

@@ -85,6 +85,15 @@ def test_stop_then_resume_gives_the_same_weights(mini_dir, tmp_path, capsys):
         assert (straight / name).is_file(), name
     card = (straight / "README.md").read_text()
     assert "max_iters: 6" in card and f"{first_results['mIoU']:.2f}" in card
+    # both say how the model was evaluated
+    assert "## Results (validation, inference: whole (official protocol))" in card
+    assert first_results["inference"] == {
+        "mode": "whole",
+        "crop_size": None,
+        "stride": None,
+        "scales": [1.0],
+        "flip": False,
+    }
     assert any((straight / "logs").rglob("events.out.tfevents.*"))
 
 

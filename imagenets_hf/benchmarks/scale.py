@@ -176,7 +176,7 @@ def _save_model(data_dir: str, model_dir: str, overrides: dict[str, Any]) -> dic
     """The demo recipe's model (random weights) with the folder's labels, saved as evaluate.py/predict.py read it."""
     import torch
 
-    from imagenets_hf.evaluation.run import dataset_class_names
+    from imagenets_hf.evaluation.loading import dataset_class_names
     from imagenets_hf.training.finetune import build_image_processor, build_model
 
     recipe = _demo_recipe(data_dir, model_dir, overrides)
@@ -191,7 +191,7 @@ def _save_model(data_dir: str, model_dir: str, overrides: dict[str, Any]) -> dic
 def _evaluate(data_dir: str, model_dir: str, images: int, batch_size: int, copy_images: bool) -> dict[str, Any]:
     from imagenets_hf.data.imagenets import load_imagenets
     from imagenets_hf.evaluation.inference import evaluate_model
-    from imagenets_hf.evaluation.run import load_model_and_processor
+    from imagenets_hf.evaluation.loading import load_model_and_processor
 
     rows = load_imagenets(data_dir, "validation", copy_images=copy_images)
     total = len(rows)
@@ -250,7 +250,7 @@ def spread(items: list, count: int) -> list:
 def link_test_share(data_dir: str | os.PathLike, share_dir: str | os.PathLike, count: int) -> int:
     """A folder `<share_dir>/test/<wnid>/<name>` of links to `count` test images spread over the classes: the share
     that prediction, the zip and its check run on. Returns the test split's size."""
-    from imagenets_hf.evaluation.predict import list_images
+    from imagenets_hf.evaluation.folders import list_images
 
     test_dir = Path(data_dir).resolve() / "test"
     images = list_images(test_dir)

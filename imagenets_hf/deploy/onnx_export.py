@@ -155,7 +155,7 @@ def export_model_folder(
     with the model on `parity_sizes`. Returns the path and the comparisons."""
     require_onnx_packages()
     out = check_out_path(out)  # before the model loads: a wrong --out answers at once
-    from imagenets_hf.evaluation.run import load_model_and_processor
+    from imagenets_hf.evaluation.loading import load_model_and_processor
 
     model, _ = load_model_and_processor(model_name_or_path, device="cpu")
     path = export_onnx(model, out)

@@ -1,9 +1,11 @@
-"""The official ImageNet-S inference protocol and the evaluation loop.
+"""Running the model on images: the official ImageNet-S inference protocol, the other inference modes
+(`modes.py`: sliding windows, multi-scale + flip), and the evaluation loop.
 
 Protocol (the model's `ViTFCNImageProcessor` does the resizing): short side 256, long side at most 1024, keep ratio,
 whole image in one forward; logits bilinear to the original size; argmax; images above 1000 x 1000 pixels at long side
 1000, then nearest up. A ViT attends globally, so padding images to a common size would change their predictions:
-a batch is split into groups of images with the same processed size instead.
+a batch is split into groups of images with the same processed size instead. Under another mode, the views and
+windows of the images that share a size are batched together.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask
 from imagenets_hf.evaluation.metrics import SIZE_BUCKET_NAMES, SegmentationEvaluator
+from imagenets_hf.evaluation.modes import InferenceMode, View, combine_views, scaled_processor, slide_windows
 from imagenets_hf.runtime import autocast_dtype, bounded_batches, resolve_dtype, worker_context
 
 
@@ -54,11 +57,14 @@ def predict_segmentation_tensors(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     batch_size: int | None = None,
+    mode: InferenceMode | None = None,
 ) -> list[torch.Tensor]:
     """Like `predict_segmentation`, but int64 tensors left on the model's device (for the evaluator)."""
     images = list(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = resolve_dtype(dtype)
+    if mode is not None and not mode.official:
+        return _predict_views(model, image_processor, images, mode, device, dtype, batch_size)
     sizes = [image_size(image) for image in images]
     groups: dict[tuple[int, int], list[int]] = {}
     for index, (height, width) in enumerate(sizes):
@@ -77,6 +83,56 @@ def predict_segmentation_tensors(
     return results
 
 
+def _predict_views(
+    model: torch.nn.Module,
+    image_processor: Any,
+    images: Sequence[Any],
+    mode: InferenceMode,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int | None,
+) -> list[torch.Tensor]:
+    """Class maps under a mode other than the official one: each image's views (windows of the scaled, possibly
+    mirrored image), inputs of the same size batched across the images (`batch_size` a forward at most), then
+    `combine_views` image by image. The views' low-resolution logits of all `images` are held until then."""
+    mode = mode.with_crop_size(None)  # slide: the default stride; without a window, a ValueError saying to give one
+    views: list[list[View]] = []
+    groups: dict[tuple[int, ...], list[tuple[View, int, torch.Tensor]]] = {}
+    for image in images:
+        views.append([])
+        for scale, flipped in mode.views:
+            pixel_values = scaled_processor(image_processor, scale)(image, return_tensors="pt")["pixel_values"][0]
+            if flipped:
+                pixel_values = pixel_values.flip(-1)
+            size = tuple(pixel_values.shape[-2:])
+            whole = [(0, size[0], 0, size[1])]
+            windows = slide_windows(*size, mode.crop_size, mode.stride) if mode.mode == "slide" else whole
+            view = View(size, windows, flipped, [None] * len(windows))
+            views[-1].append(view)
+            for i, (top, bottom, left, right) in enumerate(windows):
+                window = pixel_values[:, top:bottom, left:right]
+                groups.setdefault(tuple(window.shape), []).append((view, i, window))
+    for group in groups.values():
+        chunk = batch_size or len(group)
+        for start in range(0, len(group), chunk):
+            part = group[start : start + chunk]
+            with _autocast(device, dtype):
+                logits = model(pixel_values=torch.stack([x for _, _, x in part]).to(device)).logits
+            for (view, i, _), window_logits in zip(part, logits.float()):
+                view.logits[i] = window_logits
+    results = []
+    for image, image_views in zip(images, views):
+        height, width = image_size(image)
+        working = image_processor.working_size(height, width)
+        prediction = combine_views(image_views, working)
+        if working != (height, width):  # a large image: predicted at its working size, then nearest up (the protocol's)
+            prediction = torch.nn.functional.interpolate(
+                prediction[None, None].float(), size=(height, width), mode="nearest"
+            )[0, 0].long()
+        results.append(prediction)
+    return results
+
+
 def predict_segmentation(
     model: torch.nn.Module,
     image_processor: Any,
@@ -84,8 +140,10 @@ def predict_segmentation(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     batch_size: int | None = None,
+    mode: InferenceMode | None = None,
 ) -> list[np.ndarray]:
-    """Class-id maps (int32 NumPy arrays at each image's original size) by the official protocol.
+    """Class-id maps (int32 NumPy arrays at each image's original size) by the official protocol, or another
+    inference mode.
 
     Args:
         model: a semantic-segmentation model returning `.logits` (e.g. `ViTFCNForSemanticSegmentation`), in eval mode.
@@ -93,9 +151,12 @@ def predict_segmentation(
         images: PIL images (RGB or convertible) or HxWx3 arrays, of any sizes.
         device: where to run; default the model's device.
         dtype: autocast dtype ("bf16", "fp16", a torch dtype); None or "fp32" runs in full precision.
-        batch_size: most images per forward; images of the same processed size are batched together.
+        batch_size: most images (or windows and views of one image, under another mode) per forward; images of the
+            same processed size are batched together.
+        mode: an `InferenceMode` (`imagenets_hf.evaluation.modes`): sliding windows, multi-scale + flip; default
+            the official protocol. A slide mode needs its `crop_size` (`mode.with_crop_size(recipe crop)`).
     """
-    maps = predict_segmentation_tensors(model, image_processor, images, device, dtype, batch_size)
+    maps = predict_segmentation_tensors(model, image_processor, images, device, dtype, batch_size, mode)
     return [prediction.cpu().numpy().astype(np.int32) for prediction in maps]
 
 
@@ -151,8 +212,9 @@ def evaluate_model(
     num_labels: int | None = None,
     ignore_index: int | None = None,
     timeout: float = 300.0,
+    mode: InferenceMode | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a segmentation model on rows with `image` and `annotation` by the official protocol.
+    """Evaluate a segmentation model on rows with `image` and `annotation` by the official protocol (or `mode`).
 
     Works in one process, under `accelerate launch` (pass the `accelerator`; the model may be prepared or not) and
     under `torchrun` without an accelerator: each process evaluates its own shard of the rows (each row exactly once)
@@ -171,6 +233,7 @@ def evaluate_model(
             `runtime.worker_context`).
         num_labels, ignore_index: default to the model config's.
         timeout: seconds a batch from the workers may take before the evaluation stops with one line.
+        mode: an `InferenceMode` (as `predict_segmentation`); default the official protocol.
 
     Returns:
         `SegmentationEvaluator.compute()`'s dict ("mIoU", "per_class_iou", the HF mean_iou keys, ...).
@@ -203,7 +266,9 @@ def evaluate_model(
         total = len(loader) if hasattr(shard, "__len__") else None
         for batch in tqdm(batches, total=total, disable=not progress or rank != 0, desc="evaluate"):
             images = [image for image, _, _ in batch]
-            predictions = predict_segmentation_tensors(bare_model, image_processor, images, device, dtype, batch_size)
+            predictions = predict_segmentation_tensors(
+                bare_model, image_processor, images, device, dtype, batch_size, mode
+            )
             for prediction, (_, annotation, image_id) in zip(predictions, batch):
                 if annotation is None:
                     raise ValueError(f"row {image_id!r} has no annotation: this split cannot be evaluated")

@@ -257,9 +257,9 @@ def write_prediction_grid(
     from transformers.utils import logging as transformers_logging
 
     from imagenets_hf.data.imagenets import SPLIT_FOLDERS, split_name
+    from imagenets_hf.evaluation.folders import default_masks_dir, list_images, prediction_path
     from imagenets_hf.evaluation.inference import predict_segmentation
-    from imagenets_hf.evaluation.predict import default_masks_dir, list_images, prediction_path
-    from imagenets_hf.evaluation.run import load_model_and_processor
+    from imagenets_hf.evaluation.loading import load_model_and_processor
 
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")

@@ -21,42 +21,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from imagenets_hf.data.masks import IGNORE_INDEX, decode_mask, encode_mask
+from imagenets_hf.evaluation.folders import (  # noqa: F401 (also importable from here, as before)
+    IMAGE_EXTENSIONS,
+    default_masks_dir,
+    list_images,
+    prediction_path,
+    scan_image_folder,
+)
 from imagenets_hf.evaluation.inference import predict_segmentation, unwrap_model
+from imagenets_hf.evaluation.modes import InferenceMode
 from imagenets_hf.evaluation.overlays import colorize, label_palette, make_overlay  # noqa: F401 (re-exported)
 from imagenets_hf.runtime import bounded_batches, worker_context
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # Smaller than one 16-pixel ViT patch on a side: predicted (the processor upsamples it) but the result means little.
 MIN_IMAGE_SIDE = 16
 # Where predict.py --skip-bad lists the images it skipped (beside the masks; a submission zip takes only .png files).
 SKIPPED_FILE_NAME = "skipped_images.txt"
-
-
-def scan_image_folder(images_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(images, others): the paths relative to `images_dir` of its image files (by extension) and of its other
-    files, both sorted; hidden files are in neither."""
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such image folder: {root}")
-    images, others = [], []
-    for path in root.rglob("*"):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
-            kind = images if path.suffix.lower() in IMAGE_EXTENSIONS else others
-            kind.append(path.relative_to(root).as_posix())
-    return sorted(images), sorted(others)
-
-
-def list_images(images_dir: str | os.PathLike) -> list[str]:
-    """Image paths relative to `images_dir` ("wnid/name.JPEG", or "name.JPEG" at the top), sorted."""
-    found = scan_image_folder(images_dir)[0]
-    if not found:
-        raise FileNotFoundError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return found
-
-
-def prediction_path(relative_image_path: str) -> str:
-    """The mask file name for an image: same folder, extension .png."""
-    return os.path.splitext(relative_image_path)[0] + ".png"
 
 
 def read_image(path: str | os.PathLike) -> tuple[Image.Image, list[str]]:
@@ -132,13 +112,6 @@ class FolderPrediction:
     skipped: list[str] = field(default_factory=list)
 
 
-def default_masks_dir(images_dir: str | os.PathLike) -> Path | None:
-    """`<root>/validation-segmentation` beside `<root>/validation` (the official layout), if it exists."""
-    images_dir = Path(images_dir).resolve()
-    candidate = images_dir.with_name(images_dir.name + "-segmentation")
-    return candidate if candidate.is_dir() else None
-
-
 def predict_folder(
     model: torch.nn.Module,
     image_processor: Any,
@@ -154,6 +127,7 @@ def predict_folder(
     world_size: int = 1,
     skip_bad: bool = False,
     timeout: float = 300.0,
+    mode: InferenceMode | None = None,
 ) -> FolderPrediction:
     """Predict every image under `images_dir` and write `<out_dir>/<wnid>/<name>.png` (official encoding).
 
@@ -170,6 +144,7 @@ def predict_folder(
         skip_bad: skip images that cannot be read (listed in the result) instead of raising ValueError naming the
             first one.
         timeout: seconds a batch from the workers may take before the prediction stops with one line.
+        mode: an `InferenceMode` (sliding windows, multi-scale + flip); default the official protocol.
 
     Warnings about an image (too small, very large: see `read_image`) are printed to stderr as it is predicted.
 
@@ -209,7 +184,9 @@ def predict_folder(
             if not batch:
                 continue
             images = [item.image for item in batch]
-            predictions = predict_segmentation(model, image_processor, images, dtype=dtype, batch_size=batch_size)
+            predictions = predict_segmentation(
+                model, image_processor, images, dtype=dtype, batch_size=batch_size, mode=mode
+            )
             for item, prediction in zip(batch, predictions):
                 target = out_root / prediction_path(item.relative)
                 target.parent.mkdir(parents=True, exist_ok=True)

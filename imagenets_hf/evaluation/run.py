@@ -1,102 +1,20 @@
-"""What the evaluation scripts run: load a saved model, evaluate a split, predict a folder, write a submission."""
+"""What the evaluation scripts run: evaluate a split, predict a folder, write a submission (the top of
+`imagenets_hf.evaluation`: nothing in the package imports this module)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-def load_model_and_processor(
-    model_name_or_path: str | os.PathLike,
-    device: torch.device | str | None = None,
-    names: list[str] | None = None,
-):
-    """A saved `ViTFCNForSemanticSegmentation` (folder or Hub id) in float32 and its image processor (the default
-    evaluation processor, with a warning, when none was saved). A training checkpoint folder
-    (`<run>/checkpoints/checkpoint_<N>`) gives its model as the run's recipe builds it (see `load_checkpoint_model`;
-    `names` are its class names, by default those of the run's data folder)."""
-    from imagenets_hf.model import ViTFCNForSemanticSegmentation, ViTFCNImageProcessor
-    from imagenets_hf.training.checkpoints import is_checkpoint_folder, load_checkpoint_model
-
-    name = os.fspath(model_name_or_path)
-    check_model_location(name)
-    if is_checkpoint_folder(name):
-        model, processor = load_checkpoint_model(name, names)
-        if device is not None:
-            model.to(device)
-        return model.eval(), processor
-    try:
-        model = ViTFCNForSemanticSegmentation.from_pretrained(name, dtype=torch.float32)
-    except OSError as err:  # transformers' message does not say which model it was loading
-        raise OSError(f"{name}: cannot load the model: {' '.join(str(err).split())}") from err
-    try:
-        processor = ViTFCNImageProcessor.from_pretrained(name)
-    except OSError:
-        warnings.warn(f"{name}: no image processor saved; using the default evaluation preprocessing", stacklevel=2)
-        processor = ViTFCNImageProcessor()
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
-
-
-def check_model_location(name: str) -> None:
-    """Refuse a model that is neither a saved model folder nor an `owner/name` Hub id before transformers looks it
-    up on the Hub (a mistyped local folder would otherwise end in a network error)."""
-    from imagenets_hf.model.convert import looks_like_hub_repo_id
-    from imagenets_hf.training.checkpoints import is_checkpoint_folder
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not is_checkpoint_folder(path):
-            raise FileNotFoundError(
-                f"{name}: not a saved model folder (no config.json); give the folder that finetune.py or "
-                "convert_checkpoint.py wrote, or a training checkpoint (<run>/checkpoints/checkpoint_<N>)"
-            )
-    elif path.exists():
-        raise NotADirectoryError(
-            f"{name}: a file, not a model folder; give the folder holding config.json and the weights "
-            "(convert_checkpoint.py makes one from a checkpoint file)"
-        )
-    elif not looks_like_hub_repo_id(name):
-        raise FileNotFoundError(f"no such model folder: {name}")
-    elif not _hub_reachable():
-        # A missing local folder such as outputs/demoo has the shape of a Hub id too: say so at once rather than
-        # after transformers' retries end in a connection error.
-        raise FileNotFoundError(
-            f"no such model folder: {name} (and the Hugging Face Hub cannot be reached from here to look for a "
-            "repository of that name)"
-        )
-
-
-def _hub_reachable() -> bool:
-    """False when the Hub's host name does not even resolve (no network), or offline mode is on; True otherwise."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True  # transformers reads the local cache then, and says so itself
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-def dataset_class_names(data_dir: str | os.PathLike, synset_words: str | os.PathLike | None = None) -> list[str]:
-    """Class names ("other" first), using `<data_dir>/LOC_synset_mapping.txt` when no synset file is given."""
-    from imagenets_hf.data.imagenets import class_names, default_synset_words
-
-    if synset_words is None:
-        synset_words = default_synset_words(data_dir)
-    return class_names(data_dir, synset_words=synset_words)
+from imagenets_hf.evaluation.loading import (  # also importable from here, as before loading.py
+    check_model_location,
+    dataset_class_names,
+    load_model_and_processor,
+    resolve_mode,
+)
+from imagenets_hf.evaluation.modes import InferenceMode
 
 
 def run_evaluation(
@@ -112,12 +30,15 @@ def run_evaluation(
     synset_words: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    mode: InferenceMode | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved model on a split by the official protocol; print the per-class table and summary, write the
-    JSON and the chart (main process only). Runs under `accelerate launch` as well (exact across processes)."""
+    """Evaluate a saved model on a split by the official protocol (or `mode`: sliding windows, multi-scale + flip);
+    print the per-class table and summary, write the JSON (which records the mode) and the chart (main process
+    only). Runs under `accelerate launch` as well (exact across processes)."""
     # The inputs first: a wrong folder is said before anything heavy is imported or loaded.
     names = dataset_class_names(data_dir, synset_words)
     check_model_location(os.fspath(model_name_or_path))
+    mode = resolve_mode(mode, model_name_or_path)
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise ModuleNotFoundError(
             "the per-class IoU chart needs matplotlib: pip install matplotlib (or leave --plot out)"
@@ -149,15 +70,18 @@ def run_evaluation(
         progress=progress,
         dtype=dtype,
         num_workers=num_workers,
+        mode=mode,
     )
     if accelerator.is_main_process:
         print(format_iou_table(metrics, names))
+        print(f"inference: {mode.describe()}")
         info = {
             "model": os.fspath(model_name_or_path),
             "data_dir": os.fspath(data_dir),
             "split": split,
             "dtype": dtype or "fp32",
             "num_processes": accelerator.num_processes,
+            "inference": mode.to_dict(),
         }
         if output is not None:
             print(f"metrics written to {write_metrics_json(metrics, output, names, **info)}")
@@ -182,18 +106,21 @@ def run_prediction(
     num_workers: int = 2,
     progress: bool = True,
     skip_bad: bool = False,
+    mode: InferenceMode | None = None,
 ) -> dict[str, Any]:
     """Predict a folder (`<wnid>/<name>.JPEG` -> `<out_dir>/<wnid>/<name>.png`), optionally with overlays (in
     `<out_dir>_overlays` unless `overlay_dir` is given) and a test-server zip. Files that are not images (by
     extension) are counted and named; an unreadable image raises, or with `skip_bad` is skipped and listed (also in
-    `<out_dir>/skipped_images.txt`)."""
-    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, list_images, predict_folder, scan_image_folder
+    `<out_dir>/skipped_images.txt`). `mode`: as `run_evaluation`."""
+    from imagenets_hf.evaluation.folders import list_images, scan_image_folder
+    from imagenets_hf.evaluation.predict import SKIPPED_FILE_NAME, predict_folder
 
     # The inputs first: a wrong folder or file is said before anything heavy is imported, loaded or predicted.
     list_images(images_dir)
     check_model_location(os.fspath(model_name_or_path))
     if submission is not None and method_file is not None and not Path(method_file).is_file():
         raise FileNotFoundError(f"no such method file: {method_file}")
+    mode = resolve_mode(mode, model_name_or_path)
 
     from imagenets_hf.evaluation.submission import make_submission
     from imagenets_hf.runtime import accelerator_available, make_accelerator
@@ -220,12 +147,18 @@ def run_prediction(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         skip_bad=skip_bad,
+        mode=mode,
     )
     accelerator.wait_for_everyone()
     skipped = [line for lines in _gather_lists(accelerator, done.skipped) for line in lines]
-    result: dict[str, Any] = {"predictions": len(done.written), "out_dir": os.fspath(out_dir), "skipped": skipped}
+    result: dict[str, Any] = {
+        "predictions": len(done.written),
+        "out_dir": os.fspath(out_dir),
+        "skipped": skipped,
+        "inference": mode.to_dict(),
+    }
     if accelerator.is_main_process:
-        print(f"{len(done.written)} predictions written to {out_dir} (this process)")
+        print(f"{len(done.written)} predictions written to {out_dir} (this process; inference: {mode.describe()})")
         if skipped:
             skipped_file = Path(out_dir) / SKIPPED_FILE_NAME
             skipped_file.parent.mkdir(parents=True, exist_ok=True)

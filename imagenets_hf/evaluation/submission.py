@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from imagenets_hf.data.masks import decode_mask
-from imagenets_hf.evaluation.predict import list_images, prediction_path
+from imagenets_hf.evaluation.folders import list_images, prediction_path
 
 METHOD_FILE_NAME = "method.txt"
 METHOD_FIELDS = (

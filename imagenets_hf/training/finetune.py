@@ -26,6 +26,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_co
 from tqdm.auto import tqdm
 
 from imagenets_hf.data.transforms import train_augmentation_from_recipe
+from imagenets_hf.evaluation.modes import InferenceMode
 from imagenets_hf.runtime import bounded_batches, describe_machine, make_accelerator, set_deterministic, set_tf32
 from imagenets_hf.training.checkpoints import (
     checkpoint_problem,
@@ -41,6 +42,9 @@ from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
 
 RESULTS_FILE_NAME = "results.json"
+# Training's validation runs the official protocol; results.json and the model card say so (evaluate.py --mode
+# gives the other modes' numbers of the saved model).
+TRAINING_EVALUATION_MODE = InferenceMode()
 # The torch.compile backend of `--compile true` (tests swap in "eager", which compiles in seconds on a CPU).
 COMPILE_BACKEND = "inductor"
 
@@ -229,7 +233,7 @@ def write_model_card(
         "",
         recipe.description or "",
         "",
-        "## Results (validation, official protocol)",
+        f"## Results (validation, inference: {TRAINING_EVALUATION_MODE.describe()})",
         "",
         "| model | recipe | encoder, head | pre-trained weights | mIoU, this model | reported for the published recipe "
         "| trained on |",
@@ -715,7 +719,15 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
         run.image_processor.save_pretrained(output_dir)
         write_model_card(output_dir, recipe, metrics, table, result)
         (output_dir / RESULTS_FILE_NAME).write_text(
-            json.dumps({"mIoU": metrics["mIoU"], "per_class_iou": metrics.get("per_class_iou"), **result}, indent=2)
+            json.dumps(
+                {
+                    "mIoU": metrics["mIoU"],
+                    "per_class_iou": metrics.get("per_class_iou"),
+                    "inference": TRAINING_EVALUATION_MODE.to_dict(),
+                    **result,
+                },
+                indent=2,
+            )
         )
         print(table)
         print(f"mIoU {metrics['mIoU']:.2f} on {len(run.val_rows)} validation images; model saved to {output_dir}")
