@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from imagenets_hf.training.data import build_device_stream, build_train_dataload
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
+from imagenets_hf.training.semi import broadcast_teacher_buffers, make_teacher, semi_losses, update_teacher
 
 RESULTS_FILE_NAME = "results.json"
 # The torch.compile backend of `--compile true` (tests swap in "eager", which compiles in seconds on a CPU).
@@ -308,10 +309,22 @@ class TrainingRun:
     accumulation: int
     last_checkpoint: Path | None
     settings: dict[str, Any]  # how it runs: `what_runs`
+    # semi-supervised runs (recipe.semi_supervised): the EMA teacher and this process's unlabelled micro-batches
+    teacher: torch.nn.Module | None = None
+    unlabelled: Iterator[dict[str, torch.Tensor]] | None = None
+    semi_log: dict[str, float] = field(default_factory=dict)  # the last step's loss_x, loss_u, confident ratio
 
     @property
     def output_dir(self) -> Path:
         return Path(self.recipe.output_dir)
+
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """The model evaluated during training and saved at the end: the student, or a semi-supervised run's teacher
+        when `recipe.semi_final_model` says so."""
+        if self.teacher is not None and self.recipe.semi_final_model == "teacher":
+            return self.teacher
+        return self.model
 
 
 def finetune(
@@ -364,11 +377,11 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if recipe.log_interval and (done % recipe.log_interval == 0 or done == end_iteration):
-                accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=done)
+                accelerator.log({"train/loss": loss_value, "train/lr": lr, **run.semi_log}, step=done)
             if recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0:
                 run.last_checkpoint = checkpoint(run, done)
             if recipe.val_interval and done % recipe.val_interval == 0 and done < recipe.max_iters:
-                metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+                metrics = evaluate(run.final_model, run.image_processor, run.val_rows, accelerator, recipe, progress)
                 accelerator.log({"val/mIoU": metrics["mIoU"]}, step=done)
                 if accelerator.is_main_process:
                     bar.write(f"iteration {done}: validation mIoU {metrics['mIoU']:.2f}")
@@ -502,11 +515,17 @@ def setup_run(
     optimizer, scheduler = build_optimizer_and_schedule(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     training_progress = TrainingProgress()
-    # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside.
-    accelerator.register_for_checkpointing(scheduler, training_progress)
+    # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside (and the teacher,
+    # not trained by the optimizer, so not prepared either).
+    teacher = None
+    if recipe.semi_supervised != "none":
+        teacher = make_teacher(accelerator.unwrap_model(model, keep_torch_compile=False))
+    accelerator.register_for_checkpointing(scheduler, training_progress, *([teacher] if teacher is not None else []))
     last_checkpoint = restore_checkpoint(accelerator, recipe, resume, training_progress) if resume else None
 
-    batches = build_batches(recipe, train_rows, accelerator, skip=training_progress.iteration * accumulation)
+    skip = training_progress.iteration * accumulation
+    batches = build_batches(recipe, train_rows, accelerator, skip=skip)
+    unlabelled = build_unlabelled(recipe, accelerator, skip, train_rows) if teacher is not None else None
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams)
@@ -525,7 +544,17 @@ def setup_run(
         accumulation=accumulation,
         last_checkpoint=last_checkpoint,
         settings=what_runs(accelerator, model, tf32),
+        teacher=teacher,
+        unlabelled=unlabelled,
     )
+
+
+def build_unlabelled(recipe: Recipe, accelerator: Accelerator, skip: int, train_rows: Any) -> Iterator[dict]:
+    """This process's endless stream of unlabelled micro-batches (one per labelled micro-batch), the first `skip`
+    skipped: the unlabelled pool of `recipe` (see `unlabelled_data.build_unlabelled_batches`)."""
+    from imagenets_hf.training.unlabelled_data import build_unlabelled_batches
+
+    return build_unlabelled_batches(recipe, accelerator, skip)
 
 
 def build_optimizer_and_schedule(
@@ -618,19 +647,33 @@ def describe_settings(recipe: Recipe, settings: dict[str, Any]) -> str:
 
 
 def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
-    """One optimizer step over a global batch (accumulating micro-batches); returns (mean loss, head lr)."""
+    """One optimizer step over a global batch (accumulating micro-batches); returns (mean loss, head lr). A
+    semi-supervised run adds an unlabelled micro-batch to each labelled one, moves the teacher after the step and
+    keeps the step's mean loss_x, loss_u and confident-pixel ratio in `run.semi_log`."""
     accelerator, model = run.accelerator, run.model
-    loss_sum = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(4, device=accelerator.device)  # loss, loss_x, loss_u, confident ratio
     for micro_step in range(run.accumulation):
         batch = next(run.batches)
         pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         last_micro_step = micro_step == run.accumulation - 1
         with nullcontext() if last_micro_step else accelerator.no_sync(model):
-            loss = model(pixel_values=pixel_values, labels=labels).loss
+            if run.teacher is None:
+                loss = model(pixel_values=pixel_values, labels=labels).loss
+                parts = [loss.detach()]
+            else:
+                unlabelled = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(run.unlabelled).items()}
+                losses = semi_losses(
+                    model, run.teacher, run.recipe, pixel_values, labels, unlabelled, accelerator.autocast
+                )
+                loss = losses.loss
+                parts = [loss.detach(), losses.loss_x, losses.loss_u, losses.confident_ratio]
             accelerator.backward(loss / run.accumulation)
-        loss_sum += loss.detach()
-    loss_value = accelerator.reduce(loss_sum / run.accumulation, reduction="mean").item()
+        sums[: len(parts)] += torch.stack(parts).float()
+    means = accelerator.reduce(sums / run.accumulation, reduction="mean").tolist()
+    loss_value = means[0]
+    if run.teacher is not None:
+        run.semi_log = {"train/loss_x": means[1], "train/loss_u": means[2], "train/confident_ratio": means[3]}
     if not math.isfinite(loss_value):
         accelerator.end_training()
         raise NonFiniteLossError(
@@ -643,6 +686,10 @@ def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.teacher is not None:
+        student = accelerator.unwrap_model(model, keep_torch_compile=False)
+        update_teacher(run.teacher, student, iteration, run.recipe.ema_momentum)
+        broadcast_teacher_buffers(run.teacher)
     return loss_value, lr
 
 
@@ -657,12 +704,22 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
     from imagenets_hf.evaluation.inference import format_iou_table
 
     accelerator, recipe, output_dir = run.accelerator, run.recipe, run.output_dir
-    metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+    final_model = run.final_model
+    if run.teacher is not None:
+        # UniMatch V2 evaluates both; the recipe's semi_final_model is the one saved (and reported as mIoU).
+        other, other_name = (run.model, "student") if final_model is run.teacher else (run.teacher, "teacher")
+        other_metrics = evaluate(other, run.image_processor, run.val_rows, accelerator, recipe, progress)
+        result[f"mIoU_{other_name}"] = other_metrics["mIoU"]
+        accelerator.log({f"val/mIoU_{other_name}": other_metrics["mIoU"]}, step=result["iterations"])
+        result["saved_model"] = recipe.semi_final_model
+    metrics = evaluate(final_model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+    if run.teacher is not None:
+        result[f"mIoU_{recipe.semi_final_model}"] = metrics["mIoU"]
     accelerator.log({"val/mIoU": metrics["mIoU"]}, step=result["iterations"])
     table = format_iou_table(metrics, run.names)
     result["metrics"] = metrics
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its wrapper
+        final = accelerator.unwrap_model(final_model, keep_torch_compile=False)  # the module itself, not its wrapper
         if any(isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()):
             final = _revert_sync_batchnorm(final)
         final.to(torch.float32).save_pretrained(output_dir)

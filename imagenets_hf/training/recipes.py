@@ -33,6 +33,8 @@ PIPELINES = ("mmseg", "imagenetsegmodel")
 HEADS = ("fcn", "linear", "multilayer")
 DROP_PATH_BRANCHES = ("both", "mlp")  # the model's too (configuration_vit_fcn.DROP_PATH_BRANCHES), held equal by a test
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SEMI_METHODS = ("none", "unimatch")
+SEMI_FINAL_MODELS = ("teacher", "student")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
 
 
@@ -142,6 +144,33 @@ class Recipe:
     per_device_batch_size: int = _option(
         32, help="images per process and micro-batch; gradient accumulation makes up the global batch"
     )
+    # -- semi-supervised training (UniMatch V2; see docs/semi_supervised.md)
+    semi_supervised: str = _option(
+        "none",
+        help="none: train on the labelled images alone; unimatch: add an unlabelled batch to every iteration, "
+        "pseudo-labelled by an EMA teacher (UniMatch V2)",
+        choices=SEMI_METHODS,
+    )
+    confidence_threshold: float = _option(
+        0.95, help="semi: the student learns the teacher's pixels whose softmax maximum is at least this (0 to 1)"
+    )
+    ema_momentum: float = _option(
+        0.996, help="semi: teacher = EMA of the student with momentum min(1 - 1/(t + 1), this) at iteration t (0 to 1)"
+    )
+    supervised_loss_weight: float = _option(0.5, help="semi: weight of the labelled loss (UniMatch V2: 0.5)")
+    unsupervised_loss_weight: float = _option(
+        0.5, help="semi: weight of the mean of the two strong views' losses (UniMatch V2: 0.5)"
+    )
+    feature_dropout: float = _option(
+        0.5,
+        help="semi: fraction of the unlabelled image pairs whose two strong views get complementary channel dropout "
+        "on the features the head reads (0: none)",
+    )
+    semi_final_model: str = _option(
+        "teacher",
+        help="semi: the model saved and evaluated at the end (both are evaluated): teacher (the EMA) or student",
+        choices=SEMI_FINAL_MODELS,
+    )
     # -- runtime
     mixed_precision: str = _option(
         "fp16", help="no, fp16 (autocast + gradient scaler, GPU only) or bf16", choices=MIXED_PRECISIONS
@@ -214,6 +243,23 @@ class Recipe:
             fail("{} must be a multiple of {}", "global_batch_size", "per_device_batch_size")
         if not 0 < self.layer_decay <= 1:
             fail("{} must lie in (0, 1]", "layer_decay")
+        for name in ("confidence_threshold", "feature_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail("{} must lie in [0, 1]", name)
+        if not 0 <= self.ema_momentum < 1:
+            fail("{} must lie in [0, 1)", "ema_momentum")
+        for name in ("supervised_loss_weight", "unsupervised_loss_weight"):
+            if getattr(self, name) < 0:
+                fail("{} must not be negative", name)
+        if self.semi_supervised != "none" and self.augment_on_device:
+            # The device path decodes train-semi into a store once; the unlabelled pool (up to 1.2 million images)
+            # does not fit one, so its batches come from DataLoader workers only.
+            fail(
+                "{} cannot go with {}: the unlabelled images come from DataLoader workers (pass "
+                "--augment-on-device false)",
+                "augment_on_device",
+                "semi_supervised",
+            )
 
     @property
     def num_labels(self) -> int | None:
