@@ -36,6 +36,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SEMI_METHODS = ("none", "unimatch")
 SEMI_FINAL_MODELS = ("teacher", "student")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
+BASE_KEY = "base"  # in a recipe file: the shipped recipe it starts from (see read_overrides)
 
 
 class RecipeError(ValueError):
@@ -390,8 +391,11 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     return value
 
 
-def read_overrides(path: str | os.PathLike, origin: str | None = None) -> dict[str, Any]:
-    """Read a YAML mapping of recipe fields (a full recipe or a few overrides); errors name `origin` (the path)."""
+def read_overrides(path: str | os.PathLike, origin: str | None = None, allow_base: bool = False) -> dict[str, Any]:
+    """Read a YAML mapping of recipe fields (a full recipe or a few overrides); errors name `origin` (the path).
+
+    With `allow_base` (recipe files, not `--config` overrides), a `base: <shipped recipe>` key starts from that
+    recipe's values, so that a variant (e.g. `demo-semi`) states only what differs from it."""
     path = Path(path)
     origin = origin or str(path)
     if not path.is_file():
@@ -404,7 +408,15 @@ def read_overrides(path: str | os.PathLike, origin: str | None = None) -> dict[s
         return {}
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: expected a mapping of recipe fields, got {type(data).__name__}")
-    return {str(k): _coerce(str(k), v, origin) for k, v in data.items()}
+    values: dict[str, Any] = {}
+    if allow_base and BASE_KEY in data:
+        base = str(data.pop(BASE_KEY))
+        base_path = recipe_path(base)
+        if base_path is None or base_path.resolve() == path.resolve():
+            raise RecipeError(f"{origin}: {BASE_KEY} {base!r} is not another shipped recipe ({_shipped_names()})")
+        values = read_overrides(base_path, f"recipe {base}", allow_base=True)
+    values.update({str(k): _coerce(str(k), v, origin) for k, v in data.items()})
+    return values
 
 
 def load_recipe(
@@ -419,14 +431,14 @@ def load_recipe(
     """
     candidate = Path(name_or_yaml)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
-        values = read_overrides(candidate)
+        values = read_overrides(candidate, allow_base=True)
         base = str(candidate)
     else:
         path = recipe_path(str(name_or_yaml))
         if path is None:
             raise RecipeError(f"unknown recipe {str(name_or_yaml)!r}; available: {_shipped_names()} (or a YAML file)")
         base = f"recipe {name_or_yaml}"
-        values = read_overrides(path, base)
+        values = read_overrides(path, base, allow_base=True)
     origins = {key: (origins or {}).get(key, OVERRIDES_ORIGIN) for key in overrides or {}}
     for key, value in (overrides or {}).items():
         values[key] = _coerce(key, value, origins[key])
