@@ -164,3 +164,28 @@ def test_completion_marker_records_version_and_seed(mini_root, tmp_path):
     assert not is_mini_dataset_complete(tmp_path, seed=0)
     (tmp_path / MARKER_NAME).write_text("{truncated")
     assert not is_mini_dataset_complete(tmp_path, seed=0)
+
+
+def test_unlabelled_variant_adds_train_images_and_keeps_every_other_file(mini_root, tmp_path, monkeypatch, capsys):
+    from script_runner import run_script
+
+    root = tmp_path / "semi"
+    status, lines = run_script(
+        "make_mini_dataset", "--out", root, "--unlabelled-per-class", 9, monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert status == 0 and lines[0].split() == ["train", "90", "files"]
+    default, variant = _all_files(mini_root), _all_files(root)
+    extra = {name for name in variant if name not in default}
+    assert len(extra) == 3 * MINI_NUM_CLASSES and all(name.startswith("train/") for name in extra)
+    # every default file, the 6 default train images a class included, is there with the same bytes; only the
+    # marker differs, by the train count
+    assert {name: variant[name] for name in default if name != MARKER_NAME} == {
+        name: data for name, data in default.items() if name != MARKER_NAME
+    }
+    for wnid in MINI_WNIDS:
+        names = sorted(p.stem for p in (root / "train" / wnid).iterdir())
+        assert len(names) == len(set(names)) == 9 and all(re.fullmatch(rf"{wnid}_\d+", n) for n in names)
+    assert not set(_file_stems(0, 9)["train"][0]) & set(_file_stems(0)["train-semi"][0])
+    assert is_mini_dataset_complete(root, 0, unlabelled_per_class=9)
+    assert not is_mini_dataset_complete(root, 0) and not is_mini_dataset_complete(mini_root, 0, 9)
+    assert ensure_mini_dataset(root, 0) == root and _all_files(root) == default  # asked for the default: remade

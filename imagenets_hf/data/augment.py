@@ -430,7 +430,19 @@ def augment_sample(
     rows, columns = source
     columns = columns[left : left + width]
     labels[:height, :width] = mask[rows[top : top + height]][:, columns[::-1] if flip else columns]
+    pixels = crop_pixels(params, sample, image)
+    if tables is not None:
+        pixels = _photometric_distortion(pixels, tables, params, sample)
+    normalise_into(config, cv2.split(pixels)[::-1], pixel_values)
 
+
+def crop_pixels(params: AugmentParams, sample: int, image: np.ndarray) -> np.ndarray:
+    """The (crop height, crop width, 3) uint8 crop of sample `sample` of `params` (its crop chosen), flipped when
+    drawn, sampled from `image` (possibly a reduced decode of the original) at the points of a full resize."""
+    draw = params.chosen[sample]
+    top, left = int(params.tops[sample, draw]), int(params.lefts[sample, draw])
+    height, width = int(params.crop_height[sample]), int(params.crop_width[sample])
+    flip = bool(params.flip[sample])
     # The resize's map from output to source pixels, restricted to the crop (mirrored when flipped):
     # x_src = (x + 0.5) * in / out - 0.5, the sample points of `interpolate` and of OpenCV's resize.
     scale_y = image.shape[0] / float(params.resized_height[sample])
@@ -442,15 +454,19 @@ def augment_sample(
             [0.0, scale_y, (top + 0.5) * scale_y - 0.5],
         ]
     )
-    pixels = cv2.warpAffine(
+    return cv2.warpAffine(
         image, affine, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
     )
-    if tables is not None:
-        pixels = _photometric_distortion(pixels, tables, params, sample)
+
+
+def normalise_into(config: AugmentConfig, planes_rgb: list[np.ndarray], out: np.ndarray) -> None:
+    """Normalise R, G, B uint8 planes (h, w) into the top-left of `out` (3, crop, crop) float32, whose rest keeps
+    the padding. Contiguous planes: the lookups run much faster than on strided channels; OpenCV's float lookup
+    writes into the output in place (2x np.take)."""
     normalise = normalisation_tables(config)
-    planes = cv2.split(pixels)  # contiguous planes: the lookups run much faster than on strided channels
-    for channel in range(3):  # BGR in, RGB out; OpenCV's float lookup writes into the output in place (2x np.take)
-        cv2.LUT(planes[2 - channel], normalise[channel], dst=pixel_values[channel, :height, :width])
+    height, width = planes_rgb[0].shape
+    for channel in range(3):
+        cv2.LUT(planes_rgb[channel], normalise[channel], dst=out[channel, :height, :width])
 
 
 def _photometric_distortion(pixels: np.ndarray, tables: PhotometricTables, params: AugmentParams, sample: int):

@@ -9,6 +9,10 @@ validation image is larger than 1000x1000 pixels, one labelled image is a graysc
 loaders and the evaluation protocol meet the same cases as on the real data.
 
 Everything is drawn from the seed: the same seed gives byte-identical files.
+
+The semi-supervised variant (`unlabelled_per_class=N`) writes N unlabelled images a class into `train/` instead of 6:
+the first 6 of each class are the default dataset's own files, the others are drawn the same way under new names,
+and every other split stays byte-identical to the default dataset's.
 """
 
 from __future__ import annotations
@@ -341,8 +345,9 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
 # --- the dataset ------------------------------------------------------------------------------------------------------
 
 
-def _file_stems(seed: int) -> dict[str, list[list[str]]]:
-    """File stems per split and class: `<wnid>_<k>` for train/train-semi, ILSVRC val names (unique) for val/test."""
+def _file_stems(seed: int, unlabelled_per_class: int | None = None) -> dict[str, list[list[str]]]:
+    """File stems per split and class: `<wnid>_<k>` for train/train-semi, ILSVRC val names (unique) for val/test.
+    `unlabelled_per_class` > 6 adds train stems after the default ones, drawn from numbers no other file uses."""
     rng = np.random.default_rng([seed, 7919])
     stems: dict[str, list[list[str]]] = {split: [] for split in MINI_IMAGES_PER_CLASS}
     n_train, n_semi = MINI_IMAGES_PER_CLASS["train"], MINI_IMAGES_PER_CLASS["train-semi"]
@@ -358,6 +363,18 @@ def _file_stems(seed: int) -> dict[str, list[list[str]]]:
         stems["test"].append(
             [f"ILSVRC2012_val_{k:08d}" for k in sorted(numbers[start + n_val : start + n_val + n_test])]
         )
+    extra = 0 if unlabelled_per_class is None else unlabelled_per_class - n_train
+    if extra < 0:
+        for names in stems["train"]:
+            del names[unlabelled_per_class:]
+    elif extra > 0:
+        extra_rng = np.random.default_rng([seed, 7919, extra])
+        for cls, wnid in enumerate(MINI_WNIDS):
+            taken = {int(name.rsplit("_", 1)[1]) for split in ("train", "train-semi") for name in stems[split][cls]}
+            free = np.setdiff1d(np.arange(1, max(15000, 2 * unlabelled_per_class + 100)), list(taken))
+            numbers = extra_rng.choice(free, size=extra, replace=False)
+            # appended: the default files keep their place, hence their render
+            stems["train"][cls] += [f"{wnid}_{k}" for k in numbers.tolist()]
     return stems
 
 
@@ -373,21 +390,44 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
-def is_mini_dataset_complete(out_dir: str | os.PathLike, seed: int = 0) -> bool:
-    """Whether `out_dir` holds a finished mini dataset of this generator version and seed (its marker is written last)."""
+def images_per_class(unlabelled_per_class: int | None = None) -> dict[str, int]:
+    """Images a class in each split: `MINI_IMAGES_PER_CLASS`, with `unlabelled_per_class` in train when given."""
+    counts = dict(MINI_IMAGES_PER_CLASS)
+    if unlabelled_per_class is not None:
+        counts["train"] = unlabelled_per_class
+    return counts
+
+
+def is_mini_dataset_complete(
+    out_dir: str | os.PathLike, seed: int = 0, unlabelled_per_class: int | None = None
+) -> bool:
+    """Whether `out_dir` holds a finished mini dataset of this generator version, seed and number of unlabelled
+    (train) images a class (its marker is written last)."""
     marker = _read_marker(Path(out_dir))
-    return bool(marker) and marker.get("version") == GENERATOR_VERSION and marker.get("seed") == seed
+    return (
+        bool(marker)
+        and marker.get("version") == GENERATOR_VERSION
+        and marker.get("seed") == seed
+        and marker.get("images_per_class", {}).get("train") == images_per_class(unlabelled_per_class)["train"]
+    )
 
 
-def make_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+def make_mini_dataset(
+    out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, unlabelled_per_class: int | None = None
+) -> Path:
     """Write the mini ImageNet-S (official layout, 10 classes, `LOC_synset_mapping.txt`) into `out_dir`.
 
     Returns the dataset root (`out_dir`). Raises FileExistsError when `out_dir` already holds dataset folders and
     `overwrite` is False; with `overwrite` only the dataset's own folders and files are removed first.
-    Takes a few seconds; the same seed gives byte-identical files.
+    Takes a few seconds; the same seed gives byte-identical files. `unlabelled_per_class`: unlabelled images a class
+    in `train/` (None: the default 6; the semi-supervised variant, see the module docstring).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"mini dataset seed must be a non-negative integer, got {seed!r}")
+    if unlabelled_per_class is not None and (
+        isinstance(unlabelled_per_class, bool) or not isinstance(unlabelled_per_class, int) or unlabelled_per_class < 1
+    ):
+        raise ValueError(f"unlabelled images per class must be a positive integer, got {unlabelled_per_class!r}")
     root = Path(out_dir)
     owned = [root / name for name in (MARKER_NAME, SYNSET_FILE_NAME, *SPLIT_DIRS)]
     present = [p for p in owned if p.exists()]
@@ -403,9 +443,10 @@ def make_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool
             path.unlink()
     root.mkdir(parents=True, exist_ok=True)
 
-    stems = _file_stems(seed)
+    stems = _file_stems(seed, unlabelled_per_class)
+    counts = images_per_class(unlabelled_per_class)
     special = {"grayscale": GRAYSCALE_IMAGE, "cmyk": CMYK_IMAGE, "large": LARGE_IMAGE}
-    for split_index, (split, per_class) in enumerate(MINI_IMAGES_PER_CLASS.items()):
+    for split_index, (split, per_class) in enumerate(counts.items()):
         for cls, wnid in enumerate(MINI_WNIDS):
             image_dir = root / split / wnid
             image_dir.mkdir(parents=True)
@@ -436,7 +477,7 @@ def make_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool
         "generator": "imagenets_hf.data.mini",
         "version": GENERATOR_VERSION,
         "seed": seed,
-        "images_per_class": MINI_IMAGES_PER_CLASS,
+        "images_per_class": counts,
         "special_images": {name: _relative_image_path(stems, where) for name, where in special.items()},
     }
     # Written last: its presence means every file above is complete.
@@ -444,11 +485,12 @@ def make_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool
     return root
 
 
-def ensure_mini_dataset(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Return `out_dir` holding the mini dataset, making it unless a complete one with this seed is already there."""
-    if is_mini_dataset_complete(out_dir, seed):
+def ensure_mini_dataset(out_dir: str | os.PathLike, seed: int = 0, unlabelled_per_class: int | None = None) -> Path:
+    """Return `out_dir` holding the mini dataset, making it unless a complete one with this seed (and number of
+    unlabelled images a class) is already there."""
+    if is_mini_dataset_complete(out_dir, seed, unlabelled_per_class):
         return Path(out_dir)
-    return make_mini_dataset(out_dir, seed=seed, overwrite=True)
+    return make_mini_dataset(out_dir, seed=seed, overwrite=True, unlabelled_per_class=unlabelled_per_class)
 
 
 def mini_special_images(out_dir: str | os.PathLike) -> dict[str, str]:

@@ -94,6 +94,35 @@ class Recipe:
         help="decode train-semi once into a uint8 store and augment whole batches on the training device "
         "(no DataLoader workers)",
     )
+    # -- unlabelled data (semi-supervised training; imagenets_hf/training/unlabelled_data.py)
+    unlabelled_dirs: list[str] = _option(
+        help="folders of unlabelled images, scanned recursively; []: <data_dir>/train (ImageNet-S's unlabelled split)",
+        factory=list,
+    )
+    unlabelled_global_batch_size: int = _option(
+        256,
+        help="unlabelled images per optimizer step over all processes (a multiple of processes x accumulation)",
+    )
+    labels_per_class: int | None = _option(
+        None,
+        help="label budget: keep k labelled train-semi images a class (chosen by labels_seed; the others join the "
+        "unlabelled pool without their masks); null: all",
+    )
+    labels_seed: int | None = _option(None, help="seed choosing the label budget's images; null: the recipe's seed")
+    strong_color_jitter: list[float] = _option(
+        help="strong views: colour jitter [brightness, contrast, saturation, hue] (torchvision ColorJitter)",
+        factory=lambda: [0.5, 0.5, 0.5, 0.25],
+    )
+    strong_color_jitter_prob: float = _option(0.8, help="strong views: probability of the colour jitter")
+    strong_grayscale_prob: float = _option(0.2, help="strong views: probability of grayscale")
+    strong_blur_prob: float = _option(0.5, help="strong views: probability of a Gaussian blur")
+    strong_blur_sigma: list[float] = _option(
+        help="strong views: [low, high] of the blur's sigma, in pixels", factory=lambda: [0.1, 2.0]
+    )
+    cutmix_prob: float = _option(0.5, help="strong views: probability of a CutMix box (UniMatch V2's box law)")
+    skip_bad_unlabelled: bool = _option(
+        False, help="skip (and count) unlabelled files that cannot be decoded instead of stopping the run"
+    )
     # -- model
     encoder_name: str = _option(
         "vit_base_patch16_224",
@@ -244,6 +273,25 @@ class Recipe:
             fail("{} must be a multiple of {}", "global_batch_size", "per_device_batch_size")
         if not 0 < self.layer_decay <= 1:
             fail("{} must lie in (0, 1]", "layer_decay")
+        self._validate_unlabelled(fail)
+        self._validate_semi(fail)
+
+    def _validate_unlabelled(self, fail) -> None:
+        if self.unlabelled_global_batch_size < 1:
+            fail("{} must be at least 1", "unlabelled_global_batch_size")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            fail("{} must be at least 1 (or null: all labelled images)", "labels_per_class")
+        for name in ("strong_color_jitter_prob", "strong_grayscale_prob", "strong_blur_prob", "cutmix_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail("{} must lie in [0, 1]", name)
+        jitter = self.strong_color_jitter
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            fail("{} must hold four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)", "strong_color_jitter")
+        sigma = self.strong_blur_sigma
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            fail("{} must hold two numbers 0 < low <= high", "strong_blur_sigma")
+
+    def _validate_semi(self, fail) -> None:
         for name in ("confidence_threshold", "feature_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 fail("{} must lie in [0, 1]", name)

@@ -1,0 +1,613 @@
+"""The unlabelled stream of semi-supervised training: image folders indexed without reading them, and endless,
+seeded, process-sharded batches of a weak view, two strong views and their CutMix boxes (UniMatch V2's
+`dataset/semi.py`), made in DataLoader workers.
+
+The pool. `index_image_files` lists the image files under one or more folders (recursively, `os.scandir`, no file is
+opened) and keeps them sorted, as UTF-8 bytes in one flat array with offsets (`ImageFileIndex`): ImageNet-S's 1.2
+million train paths take about 45 MB, moved into shared memory once so that each DataLoader worker reads the same
+pages instead of unpickling its own copy. Images of train-semi whose masks a label budget drops
+(`label_budget.apply_label_budget`) join the pool after the files, read from the Arrow cache (`UnlabelledPool`).
+
+The stream. As the labelled one (`imagenets_hf.training.data`): position p is the (p mod n)-th entry of the
+permutation of epoch p // n, process r of P takes positions r, r + P, ...; so iteration t of any run trains on
+unlabelled positions [t * Bu, (t + 1) * Bu) with Bu the unlabelled global batch, whatever the process count, and
+each image comes once per epoch of the stream. Its seeds are derived from the recipe's seed but differ from the
+labelled stream's (`unlabelled_seeds`). Every random number of position p comes from counter-based draws keyed by
+(seed, p) (`augment.sample_uniforms`), so a sample is the same in any worker, process or resumed run.
+
+One sample (`make_unlabelled_sample`):
+- geometry: the labelled mmseg pipeline's resize (`resize_scale` x U(`ratio_range`)), random crop, flip and padding
+  (`augment.draw_params`, the same code), without what needs labels (no `cat_max_ratio` test) and without the
+  photometric distortion: this crop, normalised, is the weak view (UniMatch V2's weak view is resize, crop, flip);
+- two strong views of the same crop, each independently as UniMatch V2: colour jitter (brightness, contrast,
+  saturation, hue = `strong_color_jitter`, in a random order, as torchvision's ColorJitter) with
+  p = `strong_color_jitter_prob`, grayscale with p = `strong_grayscale_prob`, Gaussian blur with sigma ~
+  U(`strong_blur_sigma`) with p = `strong_blur_prob` (torchvision v2's functional ops on the uint8 crop);
+- a CutMix box for each strong view with p = `cutmix_prob` (`cutmix_box`: UniMatch V2's `obtain_cutmix_box` law);
+- `ignore_mask` 255 on the padding (no image there), 0 elsewhere.
+
+Where this departs from UniMatch V2, and why: its resize draws the long side in [0.5, 2] x the image's own (here
+the recipe's mmseg resize, as the labelled stream, so the two streams see objects at the same scales); it pads the
+image with 0 before normalising and before the strong augmentation (here the colour ops see the image part only,
+and the padding is 0 after normalising, as the labelled batches); its blur is PIL's (here a 13-tap Gaussian
+kernel, torchvision's, as the imagenetsegmodel pipeline). The mixing itself (CutMix of images, pseudo-labels,
+confidences and ignore masks with the batch flipped) is the training loop's.
+
+Bad input: a file of the index that cannot be decoded stops the run with one line naming it and the flag
+`skip_bad_unlabelled`; with it set, the sample is served fully ignored (images 0, `ignore_mask` 255, no CutMix box:
+it adds nothing to the loss), the batches keep their size and positions, and `UnlabelledBatches` counts and names
+the skipped files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing.forkserver
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torchvision.transforms.v2 import functional as tvf
+
+from imagenets_hf.data.augment import (
+    _EXIF_ORIENTATION,
+    AugmentConfig,
+    _encoded_bytes,
+    crop_pixels,
+    decode_image_bgr,
+    draw_params,
+    normalise_into,
+    sample_uniforms,
+)
+from imagenets_hf.runtime import bounded_batches, worker_context
+from imagenets_hf.training.data import InfiniteShardedSampler, _keep_batch, sample_seed, seed_worker
+
+# What the index takes for an image (lower case); anything else in the folders is passed over and counted.
+UNLABELLED_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IGNORE_VALUE = 255
+BATCH_KEYS = ("image_weak", "image_strong1", "image_strong2", "ignore_mask", "cutmix_box1", "cutmix_box2")
+SKIPPED_KEY = "skipped_files"  # a worker's batch names its skipped files here; `UnlabelledBatches` takes it out
+BLUR_KERNEL = 13  # taps: 3 sigma on each side at sigma 2 (as `transforms.imagenetsegmodel_train_transform`)
+# UniMatch V2's `obtain_cutmix_box` defaults: box area in [0.02, 0.4] of the crop, aspect ratio in [0.3, 1 / 0.3].
+CUTMIX_AREA = (0.02, 0.4)
+CUTMIX_RATIO = (0.3, 1 / 0.3)
+CUTMIX_TRIES_PER_DRAW = 32  # rejection-sampling tries drawn at once (the loop draws more until one fits)
+# Stream positions never reach 2**40: `sample_seed(seed, _DERIVED + k)` gives seeds no position of a stream uses.
+_DERIVED = 1 << 40
+_JITTER_COLUMNS = 9  # on, brightness, contrast, saturation, hue, and the 4 keys ordering them
+_STRONG_COLUMNS = _JITTER_COLUMNS + 3  # then grayscale, blur on, blur sigma
+
+
+class BadUnlabelledImageError(ValueError):
+    """An unlabelled file that cannot be decoded; the message names it and the `skip_bad_unlabelled` flag."""
+
+
+# -- the index of image files ----------------------------------------------------------------------------------------
+
+
+def _scan_folder(root: str) -> tuple[list[str], int]:
+    """(relative paths of the image files under `root`, number of other files), hidden entries left out. Folders
+    reached through a symbolic link are followed once (a link cycle cannot loop)."""
+    found: list[str] = []
+    others = 0
+    seen: set[tuple[int, int]] = set()
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(root, relative) if relative else root) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                path = f"{relative}/{name}" if relative else name
+                if entry.is_dir():  # d_type from the directory listing: no stat unless it is a link
+                    if entry.is_symlink():
+                        info = os.stat(entry.path)
+                        if (info.st_dev, info.st_ino) in seen:
+                            continue
+                        seen.add((info.st_dev, info.st_ino))
+                    pending.append(path)
+                elif os.path.splitext(name)[1].lower() in UNLABELLED_IMAGE_EXTENSIONS:
+                    found.append(path)
+                else:
+                    others += 1
+    return found, others
+
+
+@dataclass
+class ImageFileIndex:
+    """The image files under some folders, sorted (folder by folder, then by relative path): the same list on every
+    process. Paths are UTF-8 bytes (file-system encoding) one after another in `names`; file i is
+    `roots[r] / names[offsets[i]:offsets[i + 1]]` with r its folder (`root_starts`)."""
+
+    roots: list[str]
+    names: np.ndarray  # uint8
+    offsets: np.ndarray  # (N + 1,) int64
+    root_starts: np.ndarray  # (len(roots) + 1,) int64: the files of roots[r] are root_starts[r] .. root_starts[r + 1]
+    other_files: int = 0  # files passed over (not an image by their extension)
+    _tensors: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.names.nbytes + self.offsets.nbytes + self.root_starts.nbytes
+
+    def path(self, index: int) -> str:
+        root = int(np.searchsorted(self.root_starts, index, side="right")) - 1
+        relative = os.fsdecode(self.names[self.offsets[index] : self.offsets[index + 1]].tobytes())
+        return os.path.join(self.roots[root], relative)
+
+    def share_memory(self) -> ImageFileIndex:
+        """Move the arrays into shared memory (torch tensors viewed as numpy arrays); pickling it afterwards (a
+        worker's start) sends handles to the same pages, not the bytes (as `PackedMasks.share_memory`)."""
+        if self._tensors is None:
+            tensors = {name: torch.from_numpy(getattr(self, name)).share_memory_() for name in _INDEX_ARRAYS}
+            for name, tensor in tensors.items():
+                setattr(self, name, tensor.numpy())
+            self._tensors = tensors
+        return self
+
+    def __reduce__(self):
+        if self._tensors is None:
+            return (_index_from_arrays, (self.roots, {name: getattr(self, name) for name in _INDEX_ARRAYS}))
+        return (_index_from_tensors, (self.roots, self._tensors, self.other_files))
+
+
+_INDEX_ARRAYS = ("names", "offsets", "root_starts")
+
+
+def _index_from_arrays(roots: list[str], arrays: dict[str, np.ndarray]) -> ImageFileIndex:
+    return ImageFileIndex(roots, **arrays)
+
+
+def _index_from_tensors(roots: list[str], tensors: dict[str, torch.Tensor], other_files: int) -> ImageFileIndex:
+    index = ImageFileIndex(roots, other_files=other_files, **{name: t.numpy() for name, t in tensors.items()})
+    index._tensors = tensors
+    return index
+
+
+def index_image_files(folders: Sequence[str | os.PathLike], what: str = "unlabelled_dirs") -> ImageFileIndex:
+    """`ImageFileIndex` of the image files (by extension: `UNLABELLED_IMAGE_EXTENSIONS`) under `folders`. A folder
+    that is missing, or that holds no image, raises FileNotFoundError naming it and `what` (the setting that named
+    it). No file is opened: 1.2 million files take seconds (see docs/data.md)."""
+    roots, encoded, starts, others = [], [], [0], 0
+    for folder in folders:
+        root = os.path.abspath(os.fspath(folder))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"unlabelled image folder {root} does not exist ({what}); pass existing folders")
+        found, skipped = _scan_folder(root)
+        if not found:
+            raise FileNotFoundError(
+                f"unlabelled image folder {root} holds no image file ({'/'.join(UNLABELLED_IMAGE_EXTENSIONS)}; {what})"
+            )
+        found.sort()
+        roots.append(root)
+        encoded += [os.fsencode(name) for name in found]
+        starts.append(starts[-1] + len(found))
+        others += skipped
+    lengths = np.fromiter((len(name) for name in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    names = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return ImageFileIndex(roots, names, offsets, np.asarray(starts, dtype=np.int64), other_files=others)
+
+
+class UnlabelledPool:
+    """The unlabelled images: the files of an `ImageFileIndex`, then (optionally) `extra` rows of a `datasets`
+    split (train-semi images whose masks a label budget dropped), read as encoded bytes."""
+
+    def __init__(self, files: ImageFileIndex | None, extra: Any = None):
+        if extra is not None and isinstance(extra, datasets.Dataset):
+            extra = extra.select_columns([name for name in ("image", "image_id") if name in extra.column_names])
+            extra = extra.cast_column("image", datasets.Image(decode=False))
+        self.files = files
+        self.extra = extra
+        self.num_files = 0 if files is None else len(files)
+        if len(self) == 0:
+            raise ValueError("the unlabelled pool is empty: no image folder and no train-semi image without its mask")
+
+    def __len__(self) -> int:
+        return self.num_files + (0 if self.extra is None else len(self.extra))
+
+    def item(self, index: int) -> tuple[str, Any]:
+        """(name for messages, encoded image: a path or a `datasets` value) of pool entry `index`."""
+        if index < self.num_files:
+            path = self.files.path(index)
+            return path, path
+        row = self.extra[index - self.num_files]
+        return f"train-semi image {row.get('image_id', index - self.num_files)}", row["image"]
+
+    def share_memory(self) -> UnlabelledPool:
+        if self.files is not None:
+            self.files.share_memory()
+        return self
+
+
+# -- one unlabelled sample -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrongConfig:
+    """The strong views' photometric augmentation and CutMix (UniMatch V2's values by default)."""
+
+    color_jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)  # brightness, contrast, saturation, hue
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutmix_prob: float = 0.5
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> StrongConfig:
+        return cls(
+            color_jitter=tuple(float(v) for v in recipe.strong_color_jitter),
+            color_jitter_prob=float(recipe.strong_color_jitter_prob),
+            grayscale_prob=float(recipe.strong_grayscale_prob),
+            blur_prob=float(recipe.strong_blur_prob),
+            blur_sigma=(float(recipe.strong_blur_sigma[0]), float(recipe.strong_blur_sigma[1])),
+            cutmix_prob=float(recipe.cutmix_prob),
+        )
+
+
+def weak_config(config: AugmentConfig) -> AugmentConfig:
+    """The labelled pipeline's geometry without what needs labels (the crop test) and without photometric
+    distortion: the weak view's."""
+    return AugmentConfig(
+        crop_size=config.crop_size,
+        resize_scale=config.resize_scale,
+        ratio_range=config.ratio_range,
+        cat_max_ratio=1.0,
+        flip_prob=config.flip_prob,
+        photometric_distortion=False,
+        mean=config.mean,
+        std=config.std,
+    )
+
+
+@dataclass(frozen=True)
+class UnlabelledSeeds:
+    """The unlabelled stream's seeds, all derived from the recipe's seed, none equal to the labelled stream's."""
+
+    order: int  # the sampler's epoch permutations (31 bits: `InfiniteShardedSampler` multiplies it)
+    geometry: int
+    strong: int
+    cutmix: int
+
+
+def unlabelled_seeds(seed: int) -> UnlabelledSeeds:
+    return UnlabelledSeeds(
+        order=sample_seed(seed, _DERIVED) >> 32,
+        geometry=sample_seed(seed, _DERIVED + 1),
+        strong=sample_seed(seed, _DERIVED + 2),
+        cutmix=sample_seed(seed, _DERIVED + 3),
+    )
+
+
+def cutmix_box(seed: int, position: int, view: int, crop: int, prob: float) -> tuple[int, int, int, int] | None:
+    """UniMatch V2's `obtain_cutmix_box` drawn from (seed, position, view): with probability `prob`, a box of area
+    U(0.02, 0.4) x crop^2 and aspect ratio h / w ~ U(0.3, 1 / 0.3) (w = int(sqrt(area / ratio)), h =
+    int(sqrt(area x ratio))) at a corner (y, x) uniform in 0..crop - 1, ratio and corner redrawn until the box fits
+    in the crop; (y, x, h, w), or None when no CutMix is drawn. The redraws come in blocks of
+    `CUTMIX_TRIES_PER_DRAW`, each block a counter of its own, so the law is UniMatch's exactly (no cap on tries)."""
+    u = sample_uniforms(seed, np.array([position]), 4)[0]
+    if not u[2 * view] < prob:  # UniMatch: `if random.random() > p: return mask` (no box)
+        return None
+    area = (u[2 * view + 1] * (CUTMIX_AREA[1] - CUTMIX_AREA[0]) + CUTMIX_AREA[0]) * crop * crop
+    block = 0
+    while True:
+        block += 1
+        block_seed = sample_seed(seed, _DERIVED + 16 * block + view)
+        tries = sample_uniforms(block_seed, np.array([position]), 3 * CUTMIX_TRIES_PER_DRAW)[0].reshape(-1, 3)
+        for ratio_u, x_u, y_u in tries:
+            ratio = ratio_u * (CUTMIX_RATIO[1] - CUTMIX_RATIO[0]) + CUTMIX_RATIO[0]
+            width, height = int(math.sqrt(area / ratio)), int(math.sqrt(area * ratio))
+            x, y = int(x_u * crop), int(y_u * crop)
+            if x + width <= crop and y + height <= crop:
+                return y, x, height, width
+
+
+def strong_view(rgb: torch.Tensor, u: np.ndarray, config: StrongConfig) -> torch.Tensor:
+    """One strong view of a (3, h, w) uint8 RGB crop from its row of uniforms `u` (`_STRONG_COLUMNS` of them):
+    colour jitter with p = color_jitter_prob (its four factors in a random order, as torchvision's ColorJitter),
+    grayscale with p = grayscale_prob, Gaussian blur with p = blur_prob."""
+    brightness, contrast, saturation, hue = config.color_jitter
+    if u[0] < config.color_jitter_prob:
+        factors = (
+            u[1] * 2 * brightness + 1 - brightness,
+            u[2] * 2 * contrast + 1 - contrast,
+            u[3] * 2 * saturation + 1 - saturation,
+            u[4] * 2 * hue - hue,
+        )
+        for op in np.argsort(u[5:9], kind="stable"):
+            if op == 0 and brightness > 0:
+                rgb = tvf.adjust_brightness(rgb, float(factors[0]))
+            elif op == 1 and contrast > 0:
+                rgb = tvf.adjust_contrast(rgb, float(factors[1]))
+            elif op == 2 and saturation > 0:
+                rgb = tvf.adjust_saturation(rgb, float(factors[2]))
+            elif op == 3 and hue > 0:
+                rgb = tvf.adjust_hue(rgb, float(factors[3]))
+    if u[9] < config.grayscale_prob:
+        rgb = tvf.rgb_to_grayscale(rgb, num_output_channels=3)
+    if u[10] < config.blur_prob:
+        sigma = float(u[11] * (config.blur_sigma[1] - config.blur_sigma[0]) + config.blur_sigma[0])
+        # reflect padding needs a kernel half-width under the crop's sides
+        kernel = min(BLUR_KERNEL, 2 * (min(rgb.shape[-2:]) - 1) + 1)
+        if kernel >= 3:
+            rgb = tvf.gaussian_blur(rgb, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    return rgb
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image as it is shown (EXIF orientation applied), from its header only."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn (transposed)
+            width, height = height, width
+    return height, width
+
+
+def make_unlabelled_batch(
+    pool: UnlabelledPool,
+    indices: Sequence[int],
+    positions: Sequence[int],
+    config: AugmentConfig,
+    strong: StrongConfig,
+    seed: int,
+    skip_bad: bool = False,
+) -> dict[str, Any]:
+    """The batch of pool entries `indices` at stream `positions` (see the module docstring): the `BATCH_KEYS`
+    tensors, and `SKIPPED_KEY`: the names of the entries skipped as undecodable (`skip_bad`; otherwise such an entry
+    raises `BadUnlabelledImageError`)."""
+    weak = weak_config(config)
+    seeds = unlabelled_seeds(seed)
+    crop = weak.crop_size
+    count = len(indices)
+    positions = np.asarray(positions, dtype=np.int64)
+    encoded: list[bytes | None] = []
+    sizes = np.ones((count, 2), dtype=np.int64)
+    skipped: list[str] = []
+    names = []
+
+    def bad(name: str, err: Exception) -> None:
+        if not skip_bad:
+            raise BadUnlabelledImageError(
+                f"unlabelled image {name}: cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())}); "
+                "remove or replace it, or set skip_bad_unlabelled (--skip-bad-unlabelled true) to skip such files "
+                "with a count"
+            ) from err
+        skipped.append(name)
+
+    for i, index in enumerate(indices):
+        name, value = pool.item(int(index))
+        names.append(name)
+        try:
+            data = _encoded_bytes(value)
+            sizes[i] = oriented_size(data)
+            encoded.append(data)
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, UnidentifiedImageError, ...)
+            if isinstance(err, OSError) and not isinstance(err, Image.UnidentifiedImageError) and err.filename:
+                raise  # a file that cannot be read (gone, no permission): not bad content
+            bad(name, err)
+            encoded.append(None)
+    params = draw_params(weak, seeds.geometry, positions, sizes[:, 0], sizes[:, 1])
+    params.chosen = np.zeros(count, dtype=np.int64)  # no crop test: the first draw
+    strong_u = sample_uniforms(seeds.strong, positions, 2 * _STRONG_COLUMNS)
+    views = np.zeros((3, count, 3, crop, crop), dtype=np.float32)  # padding 0 after normalising, as mmseg
+    ignore = np.full((count, crop, crop), IGNORE_VALUE, dtype=np.uint8)
+    boxes = np.zeros((2, count, crop, crop), dtype=np.uint8)
+    for i in range(count):
+        if encoded[i] is None:
+            continue
+        target = (int(params.resized_height[i]), int(params.resized_width[i]))
+        try:
+            bgr = decode_image_bgr(encoded[i], (int(sizes[i, 0]), int(sizes[i, 1])), target)
+        except Exception as err:
+            bad(names[i], err)
+            continue
+        pixels = crop_pixels(params, i, bgr)
+        height, width = pixels.shape[:2]
+        rgb = np.ascontiguousarray(pixels[..., ::-1].transpose(2, 0, 1))
+        normalise_into(weak, list(rgb), views[0, i])
+        for view in (1, 2):
+            u = strong_u[i, (view - 1) * _STRONG_COLUMNS : view * _STRONG_COLUMNS]
+            strong_rgb = strong_view(torch.from_numpy(rgb), u, strong).numpy()
+            normalise_into(weak, [np.ascontiguousarray(plane) for plane in strong_rgb], views[view, i])
+            box = cutmix_box(seeds.cutmix, int(positions[i]), view - 1, crop, strong.cutmix_prob)
+            if box is not None:
+                top, left, box_height, box_width = box
+                boxes[view - 1, i, top : top + box_height, left : left + box_width] = 1
+        ignore[i, :height, :width] = 0
+    return {
+        "image_weak": torch.from_numpy(views[0]),
+        "image_strong1": torch.from_numpy(views[1]),
+        "image_strong2": torch.from_numpy(views[2]),
+        "ignore_mask": torch.from_numpy(ignore),
+        "cutmix_box1": torch.from_numpy(boxes[0]),
+        "cutmix_box2": torch.from_numpy(boxes[1]),
+        SKIPPED_KEY: skipped,
+    }
+
+
+class UnlabelledDataset(Dataset):
+    """An `UnlabelledPool` -> unlabelled batches (`make_unlabelled_batch`), keyed by `(index, position)` pairs from
+    `InfiniteShardedSampler` (a plain int key uses position = index); `__getitems__` makes a whole batch."""
+
+    def __init__(
+        self, pool: UnlabelledPool, config: AugmentConfig, strong: StrongConfig, seed: int, skip_bad: bool = False
+    ):
+        self.pool = pool
+        self.config = config
+        self.strong = strong
+        self.seed = seed
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        batch = self.__getitems__([key])
+        return {name: value[0] if name != SKIPPED_KEY else value for name, value in batch.items()}
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> dict[str, Any]:
+        pairs = [(key, key) if isinstance(key, int) else key for key in keys]
+        return make_unlabelled_batch(
+            self.pool,
+            [int(index) for index, _ in pairs],
+            [int(position) for _, position in pairs],
+            self.config,
+            self.strong,
+            self.seed,
+            self.skip_bad,
+        )
+
+
+def build_unlabelled_dataloader(
+    pool: UnlabelledPool,
+    config: AugmentConfig,
+    strong: StrongConfig,
+    batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    timeout: float = 300.0,
+    pin_memory: bool = False,
+    skip_bad: bool = False,
+) -> DataLoader:
+    """An endless DataLoader of unlabelled batches for process `rank` of `world_size` (`batch_size` a process and
+    micro-batch), made in worker processes started by the fork server (`runtime.worker_context`), as
+    `data.build_train_dataloader`; the pool's index reaches them through shared memory."""
+    context = worker_context() if num_workers > 0 else None
+    if context is not None:
+        multiprocessing.forkserver.ensure_running()
+        pool.share_memory()
+    dataset = UnlabelledDataset(pool, config, strong, seed, skip_bad)
+    sampler = InfiniteShardedSampler(len(pool), seed=unlabelled_seeds(seed).order, rank=rank, world_size=world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
+        collate_fn=_keep_batch,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed + rank),
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        multiprocessing_context=context,
+        timeout=timeout if num_workers > 0 else 0,
+        pin_memory=pin_memory,
+    )
+
+
+class UnlabelledBatches:
+    """Iterator of unlabelled batches (dicts of the `BATCH_KEYS` tensors) that counts the files skipped as
+    undecodable (`skipped`, their names in `skipped_names`) and says so through `log` when one is met."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], log: Callable[[str], Any] | None = None):
+        self.batches = iter(batches)
+        self.log = log
+        self.skipped = 0
+        self.skipped_names: list[str] = []
+
+    def __iter__(self) -> UnlabelledBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self.batches)
+        names = batch.pop(SKIPPED_KEY, None) or []
+        for name in names:
+            self.skipped += 1
+            if len(self.skipped_names) < 1000:
+                self.skipped_names.append(name)
+            if self.log is not None:
+                self.log(
+                    f"note: skipped unlabelled image {name}: cannot be decoded (skip_bad_unlabelled); "
+                    f"{self.skipped} skipped so far by this process"
+                )
+        return batch
+
+
+def unlabelled_folders(recipe: Any) -> list[Path]:
+    """The recipe's unlabelled image folders: `unlabelled_dirs`, or `<data_dir>/train` (ImageNet-S's unlabelled
+    split) when it names none."""
+    if recipe.unlabelled_dirs:
+        return [Path(folder) for folder in recipe.unlabelled_dirs]
+    return [Path(recipe.data_dir) / "train"]
+
+
+def unlabelled_batch_size(recipe: Any, num_processes: int) -> int:
+    """Unlabelled images a process and micro-batch: `unlabelled_global_batch_size` // (processes x accumulation),
+    which must divide (RecipeError naming the field otherwise)."""
+    from imagenets_hf.training.recipes import RecipeError
+
+    accumulation = recipe.gradient_accumulation_steps(num_processes)
+    per_step = num_processes * accumulation
+    if recipe.unlabelled_global_batch_size % per_step:
+        raise RecipeError(
+            f"recipe {recipe.name!r}: unlabelled_global_batch_size {recipe.unlabelled_global_batch_size} is not a "
+            f"multiple of {num_processes} process(es) x {accumulation} accumulation step(s) = {per_step}; change "
+            "--unlabelled-global-batch-size (or the processes, or global_batch_size / per_device_batch_size)"
+        )
+    return recipe.unlabelled_global_batch_size // per_step
+
+
+def build_unlabelled_batches(
+    recipe: Any, accelerator: Any, skip: int, extra_pool: Any = None, log: Callable[[str], Any] | None = None
+) -> UnlabelledBatches:
+    """This process's endless stream of unlabelled batches for `recipe` (see the module docstring), the first `skip`
+    micro-batches (what a resumed run consumed: iteration x accumulation) skipped by index.
+
+    The pool: the image files under `unlabelled_folders(recipe)`, then `extra_pool` (rows of train-semi whose masks
+    a label budget dropped, `LabelBudget.unlabelled`), if any. A batch is a dict of "image_weak", "image_strong1",
+    "image_strong2" (float32 (B, 3, C, C), normalised as the labelled pixel_values), "ignore_mask" (uint8 (B, C, C),
+    255 on padding), "cutmix_box1", "cutmix_box2" (uint8 (B, C, C), 1 inside the box), B =
+    `unlabelled_batch_size(recipe, processes)`, C = crop_size. Workers: `recipe.num_workers` (0: in this process);
+    a batch that takes over `recipe.worker_timeout` ends the run in one line. `log` (default `accelerator.print`)
+    hears the index's size and time and each skipped file."""
+    log = log or accelerator.print
+    started = time.perf_counter()
+    folders = unlabelled_folders(recipe)
+    what = "unlabelled_dirs" if recipe.unlabelled_dirs else f"unlabelled_dirs empty: {recipe.data_dir}/train"
+    files = index_image_files(folders, what=what)
+    pool = UnlabelledPool(files, extra_pool)
+    batch_size = unlabelled_batch_size(recipe, accelerator.num_processes)
+    log(
+        f"Indexed {len(files)} unlabelled image files in {', '.join(map(str, folders))} "
+        f"({files.nbytes / 2**20:.1f} MiB index, {files.other_files} other files passed over) in "
+        f"{time.perf_counter() - started:.1f} s"
+        + (
+            f"; {len(pool) - len(files)} train-semi images without their masks join them"
+            if extra_pool is not None
+            else ""
+        )
+        + f"; {batch_size} a process and micro-batch"
+    )
+    loader = build_unlabelled_dataloader(
+        pool,
+        AugmentConfig.from_recipe(recipe),
+        StrongConfig.from_recipe(recipe),
+        batch_size,
+        seed=recipe.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=recipe.num_workers,
+        timeout=recipe.worker_timeout,
+        pin_memory=accelerator.device.type == "cuda",
+        skip_bad=recipe.skip_bad_unlabelled,
+    )
+    hint = "if a batch can take that long, raise worker_timeout (--worker-timeout)"
+    batches = bounded_batches(
+        accelerator.skip_first_batches(loader, skip), recipe.worker_timeout, "unlabelled data", hint
+    )
+    return UnlabelledBatches(batches, log)
