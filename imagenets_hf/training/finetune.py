@@ -34,6 +34,7 @@ from imagenets_hf.training.checkpoints import (
     save_checkpoint,
 )
 from imagenets_hf.training.data import build_device_stream, build_train_dataloader
+from imagenets_hf.training.label_budget import apply_label_budget
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
@@ -477,6 +478,8 @@ def setup_run(
     tf32 = set_tf32(recipe.tf32, accelerator.device)
     accumulation = recipe.gradient_accumulation_steps(accelerator.num_processes)
     train_rows, val_rows, names = prepare_data(recipe, accelerator, make_mini_dataset)
+    budget = apply_label_budget(recipe, train_rows)  # budget.unlabelled: the images whose masks it dropped
+    train_rows = budget.labelled
     print_main = accelerator.print
     if recipe.mixed_precision == "fp16" and not accelerator.native_amp:
         # accelerate enables fp16 autocast + GradScaler only on GPUs; say so rather than silently train in fp32
@@ -504,6 +507,9 @@ def setup_run(
     # wrong folder, an unknown encoder, a checkpoint of another shape) leaves the folder as it was.
     if accelerator.is_main_process:
         claim_output_dir(recipe, resume, overwrite)
+        listed = budget.write(recipe.output_dir)
+        if listed is not None:
+            print_main(f"{budget.describe()}; listed in {listed}")
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":

@@ -22,7 +22,8 @@ One sample (`make_unlabelled_sample`):
 - two strong views of the same crop, each independently as UniMatch V2: colour jitter (brightness, contrast,
   saturation, hue = `strong_color_jitter`, in a random order, as torchvision's ColorJitter) with
   p = `strong_color_jitter_prob`, grayscale with p = `strong_grayscale_prob`, Gaussian blur with sigma ~
-  U(`strong_blur_sigma`) with p = `strong_blur_prob` (torchvision v2's functional ops on the uint8 crop);
+  U(`strong_blur_sigma`) with p = `strong_blur_prob` (torchvision v2's formulas on the uint8 crop, computed with
+  OpenCV: `strong_view`);
 - a CutMix box for each strong view with p = `cutmix_prob` (`cutmix_box`: UniMatch V2's `obtain_cutmix_box` law);
 - `ignore_mask` 255 on the padding (no image there), 0 elsewhere.
 
@@ -51,12 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import datasets
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset
-from torchvision.transforms.v2 import functional as tvf
 
 from imagenets_hf.data.augment import (
     _EXIF_ORIENTATION,
@@ -94,29 +95,34 @@ class BadUnlabelledImageError(ValueError):
 # -- the index of image files ----------------------------------------------------------------------------------------
 
 
-def _scan_folder(root: str) -> tuple[list[str], int]:
-    """(relative paths of the image files under `root`, number of other files), hidden entries left out. Folders
-    reached through a symbolic link are followed once (a link cycle cannot loop)."""
-    found: list[str] = []
+_EXTENSION_BYTES = tuple(extension.encode() for extension in UNLABELLED_IMAGE_EXTENSIONS)
+
+
+def _scan_folder(root: str) -> tuple[list[bytes], int]:
+    """(relative paths of the image files under `root`, as file-system bytes; number of other files), hidden entries
+    left out. Symbolic links to folders are followed; a folder reached twice (a link cycle) is listed once. Bytes
+    throughout: a str copy of 1.2 million paths would cost another 100 MB at the peak."""
+    found: list[bytes] = []
     others = 0
-    seen: set[tuple[int, int]] = set()
-    pending = [""]
+    info = os.stat(root)
+    seen: set[tuple[int, int]] = {(info.st_dev, info.st_ino)}
+    pending = [b""]
+    base = os.fsencode(root)
     while pending:
         relative = pending.pop()
-        with os.scandir(os.path.join(root, relative) if relative else root) as entries:
+        with os.scandir(os.path.join(base, relative) if relative else base) as entries:
             for entry in entries:
                 name = entry.name
-                if name.startswith("."):
+                if name.startswith(b"."):
                     continue
-                path = f"{relative}/{name}" if relative else name
-                if entry.is_dir():  # d_type from the directory listing: no stat unless it is a link
-                    if entry.is_symlink():
-                        info = os.stat(entry.path)
-                        if (info.st_dev, info.st_ino) in seen:
-                            continue
-                        seen.add((info.st_dev, info.st_ino))
+                path = relative + b"/" + name if relative else name
+                if entry.is_dir():  # d_type from the listing; one stat a folder (not a file) for the cycle check
+                    info = entry.stat()
+                    if (info.st_dev, info.st_ino) in seen:
+                        continue
+                    seen.add((info.st_dev, info.st_ino))
                     pending.append(path)
-                elif os.path.splitext(name)[1].lower() in UNLABELLED_IMAGE_EXTENSIONS:
+                elif os.path.splitext(name)[1].lower() in _EXTENSION_BYTES:
                     found.append(path)
                 else:
                     others += 1
@@ -191,9 +197,9 @@ def index_image_files(folders: Sequence[str | os.PathLike], what: str = "unlabel
             raise FileNotFoundError(
                 f"unlabelled image folder {root} holds no image file ({'/'.join(UNLABELLED_IMAGE_EXTENSIONS)}; {what})"
             )
-        found.sort()
+        found.sort()  # bytes order: UTF-8 names sort as their code points do
         roots.append(root)
-        encoded += [os.fsencode(name) for name in found]
+        encoded += found
         starts.append(starts[-1] + len(found))
         others += skipped
     lengths = np.fromiter((len(name) for name in encoded), dtype=np.int64, count=len(encoded))
@@ -317,35 +323,78 @@ def cutmix_box(seed: int, position: int, view: int, crop: int, prob: float) -> t
                 return y, x, height, width
 
 
-def strong_view(rgb: torch.Tensor, u: np.ndarray, config: StrongConfig) -> torch.Tensor:
-    """One strong view of a (3, h, w) uint8 RGB crop from its row of uniforms `u` (`_STRONG_COLUMNS` of them):
-    colour jitter with p = color_jitter_prob (its four factors in a random order, as torchvision's ColorJitter),
-    grayscale with p = grayscale_prob, Gaussian blur with p = blur_prob."""
-    brightness, contrast, saturation, hue = config.color_jitter
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """torchvision's grayscale of an (h, w, 3) uint8 RGB image, in float32 (0.2989 R + 0.587 G + 0.114 B)."""
+    planes = rgb.astype(np.float32)
+    return planes[..., 0] * np.float32(0.2989) + planes[..., 1] * np.float32(0.587) + planes[..., 2] * np.float32(0.114)
+
+
+def _blend(rgb: np.ndarray, other: np.ndarray | float, ratio: float) -> np.ndarray:
+    """torchvision's `_blend` on uint8: rgb x ratio + other x (1 - ratio), clamped to 0..255 and truncated."""
+    ratio = np.float32(ratio)
+    blended = rgb.astype(np.float32) * ratio + np.asarray(other, dtype=np.float32) * (np.float32(1) - ratio)
+    return np.clip(blended, 0, 255).astype(np.uint8)
+
+
+def _table(values: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    return cv2.LUT(rgb, values)
+
+
+def adjust_brightness(rgb: np.ndarray, factor: float) -> np.ndarray:
+    return _table(_blend(np.arange(256, dtype=np.uint8), 0.0, factor), rgb)
+
+
+def adjust_contrast(rgb: np.ndarray, factor: float) -> np.ndarray:
+    mean = np.floor(_luminance(rgb)).mean(dtype=np.float64)
+    return _table(_blend(np.arange(256, dtype=np.uint8), mean, factor), rgb)
+
+
+def adjust_saturation(rgb: np.ndarray, factor: float) -> np.ndarray:
+    return _blend(rgb, np.floor(_luminance(rgb))[..., None], factor)
+
+
+def adjust_hue(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's adjust_hue: the hue turned by `factor` of a turn in float HSV, back to uint8 by x 255.999."""
+    hsv = cv2.cvtColor(rgb.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2HSV)  # hue in degrees
+    hsv[..., 0] = np.remainder(hsv[..., 0] + np.float32(360 * factor), np.float32(360))
+    back = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(back * np.float32(255.999), 0, 255).astype(np.uint8)
+
+
+def grayscale(rgb: np.ndarray) -> np.ndarray:
+    return np.repeat(_luminance(rgb).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def gaussian_blur(rgb: np.ndarray, sigma: float, kernel: int = BLUR_KERNEL) -> np.ndarray:
+    """torchvision's gaussian_blur (a `kernel`-tap Gaussian of std `sigma`, reflected borders, rounded), separably."""
+    half = (kernel - 1) / 2
+    taps = np.exp(-0.5 * (np.linspace(-half, half, kernel) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    blurred = cv2.sepFilter2D(rgb.astype(np.float32), -1, taps, taps, borderType=cv2.BORDER_REFLECT_101)
+    return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def strong_view(rgb: np.ndarray, u: np.ndarray, config: StrongConfig) -> np.ndarray:
+    """One strong view of an (h, w, 3) uint8 RGB crop from its row of uniforms `u` (`_STRONG_COLUMNS` of them):
+    colour jitter with p = color_jitter_prob (torchvision's ColorJitter: its four factors, in a random order),
+    grayscale with p = grayscale_prob, Gaussian blur with p = blur_prob. The ops follow torchvision v2's formulas
+    on uint8 images, computed with OpenCV and NumPy on the crop (torchvision's tensor kernels took 35 ms a sample
+    on one thread, ten times the whole weak view; tests/test_data_unlabelled.py holds the two within 1 level)."""
+    strengths = config.color_jitter
     if u[0] < config.color_jitter_prob:
-        factors = (
-            u[1] * 2 * brightness + 1 - brightness,
-            u[2] * 2 * contrast + 1 - contrast,
-            u[3] * 2 * saturation + 1 - saturation,
-            u[4] * 2 * hue - hue,
-        )
+        factors = [u[1 + k] * 2 * strengths[k] + 1 - strengths[k] for k in range(3)]
+        factors.append(u[4] * 2 * strengths[3] - strengths[3])
         for op in np.argsort(u[5:9], kind="stable"):
-            if op == 0 and brightness > 0:
-                rgb = tvf.adjust_brightness(rgb, float(factors[0]))
-            elif op == 1 and contrast > 0:
-                rgb = tvf.adjust_contrast(rgb, float(factors[1]))
-            elif op == 2 and saturation > 0:
-                rgb = tvf.adjust_saturation(rgb, float(factors[2]))
-            elif op == 3 and hue > 0:
-                rgb = tvf.adjust_hue(rgb, float(factors[3]))
+            if strengths[op] > 0:
+                rgb = _JITTER_OPS[op](rgb, float(factors[op]))
     if u[9] < config.grayscale_prob:
-        rgb = tvf.rgb_to_grayscale(rgb, num_output_channels=3)
+        rgb = grayscale(rgb)
     if u[10] < config.blur_prob:
         sigma = float(u[11] * (config.blur_sigma[1] - config.blur_sigma[0]) + config.blur_sigma[0])
-        # reflect padding needs a kernel half-width under the crop's sides
-        kernel = min(BLUR_KERNEL, 2 * (min(rgb.shape[-2:]) - 1) + 1)
-        if kernel >= 3:
-            rgb = tvf.gaussian_blur(rgb, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+        rgb = gaussian_blur(rgb, sigma)
     return rgb
 
 
@@ -418,12 +467,11 @@ def make_unlabelled_batch(
             continue
         pixels = crop_pixels(params, i, bgr)
         height, width = pixels.shape[:2]
-        rgb = np.ascontiguousarray(pixels[..., ::-1].transpose(2, 0, 1))
-        normalise_into(weak, list(rgb), views[0, i])
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+        normalise_into(weak, cv2.split(rgb), views[0, i])
         for view in (1, 2):
             u = strong_u[i, (view - 1) * _STRONG_COLUMNS : view * _STRONG_COLUMNS]
-            strong_rgb = strong_view(torch.from_numpy(rgb), u, strong).numpy()
-            normalise_into(weak, [np.ascontiguousarray(plane) for plane in strong_rgb], views[view, i])
+            normalise_into(weak, cv2.split(strong_view(rgb, u, strong)), views[view, i])
             box = cutmix_box(seeds.cutmix, int(positions[i]), view - 1, crop, strong.cutmix_prob)
             if box is not None:
                 top, left, box_height, box_width = box
