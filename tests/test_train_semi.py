@@ -4,13 +4,16 @@ streams."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_runs import TINY_RECIPE
+from test_train_finetune import TINY_OVERRIDES, run_finetune
+from test_train_setup_changes import launch_two_processes
+from tiny_runs import TINY_RECIPE, cli_args
 
 from imagenets_hf.model.modeling_vit_fcn import complementary_dropout_masks
 from imagenets_hf.training.recipes import RecipeError, load_recipe
@@ -136,56 +139,71 @@ def test_semi_recipe_fields_are_validated_in_one_line():
         load_recipe("demo", {"unsupervised_loss_weight": -1})
 
 
-def fake_unlabelled_batches(recipe, accelerator, skip, train_rows=None):
-    """A stand-in for the unlabelled stream (the interface's dict), micro-batch i drawn from seed (rank, i)."""
-    size, crop = recipe.per_device_batch_size, recipe.crop_size
-    index = skip
-    while True:
-        generator = torch.Generator().manual_seed(1000 * accelerator.process_index + index)
-        images = torch.randn(3, size, 3, crop, crop, generator=generator)
-        ignore = torch.zeros(size, crop, crop, dtype=torch.uint8)
-        ignore[:, :, crop - 4 :] = 255
-        boxes = torch.zeros(2, size, crop, crop, dtype=torch.uint8)
-        boxes[:, :, 4:20, 8:24] = 1
-        yield {
-            "image_weak": images[0],
-            "image_strong1": images[1],
-            "image_strong2": images[2],
-            "ignore_mask": ignore,
-            "cutmix_box1": boxes[0],
-            "cutmix_box2": boxes[1],
-        }
-        index += 1
+# The tiny recipe, semi-supervised: global batches of 8 labelled (1 process x 4 x 2 accumulation, or 2 x 4) and 8
+# unlabelled images (the mini dataset's 60 train/ images and the train-semi images beyond 2 a class), the teacher's
+# pixels all learnt (threshold 0: the unlabelled loss moves the weights from the first iteration).
+SEMI_TINY = {
+    **TINY_OVERRIDES,
+    "semi_supervised": "unimatch",
+    "labels_per_class": 2,
+    "unlabelled_global_batch_size": 8,
+    "confidence_threshold": 0.0,
+    "ema_momentum": 0.9,
+    "num_workers": 0,
+}
 
 
-def test_semi_stop_then_resume_gives_the_same_student_and_teacher(mini_dir, tmp_path, monkeypatch):
+def assert_same_weights(expected_file, actual_file) -> None:
+    expected, actual = load_file(expected_file), load_file(actual_file)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), (actual_file, key)
+
+
+@pytest.mark.slow
+def test_semi_stop_then_resume_gives_the_same_student_and_teacher(mini_dir, tmp_path):
     """6 semi-supervised iterations straight vs stopped after 3 and resumed from checkpoint 2: the saved model (the
-    teacher) and the student's checkpointed weights are identical; results hold both mIoUs."""
-    from imagenets_hf.training import finetune as finetune_module
+    teacher) and the student's checkpointed weights are identical (both streams, the teacher, CutMix boxes, feature
+    dropout draws restored); results hold both mIoUs, and the teacher is not the student."""
+    from imagenets_hf.training.finetune import finetune
 
-    monkeypatch.setattr(finetune_module, "build_unlabelled", fake_unlabelled_batches)
-    overrides = {
-        **TINY_RECIPE,
-        "data_dir": str(mini_dir),
-        "num_workers": 0,
-        "semi_supervised": "unimatch",
-        "confidence_threshold": 0.0,  # every pixel learnt: the unlabelled loss moves the weights from the start
-        "ema_momentum": 0.9,
-    }
+    def recipe(output_dir):
+        return load_recipe("demo", {**SEMI_TINY, "data_dir": str(mini_dir), "output_dir": str(output_dir)})
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = finetune_module.finetune(load_recipe("demo", {**overrides, "output_dir": str(straight)}), progress=False)
+    result = finetune(recipe(straight), progress=False)
     assert result["saved_model"] == "teacher" and {"mIoU_teacher", "mIoU_student"} <= result.keys()
-    finetune_module.finetune(
-        load_recipe("demo", {**overrides, "output_dir": str(resumed)}), stop_after=3, progress=False
-    )
-    checkpoint_2 = str(resumed / "checkpoints" / "checkpoint_2")
-    recipe = load_recipe("demo", {**overrides, "output_dir": str(resumed)})
-    finetune_module.finetune(recipe, resume=checkpoint_2, progress=False)
+    assert result["mIoU_teacher"] == result["metrics"]["mIoU"]
+    finetune(recipe(resumed), stop_after=3, progress=False)
+    finetune(recipe(resumed), resume=str(resumed / "checkpoints" / "checkpoint_2"), progress=False)
     for name in ("model.safetensors", "checkpoints/checkpoint_6/model.safetensors"):
-        expected, actual = load_file(straight / name), load_file(resumed / name)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            assert torch.equal(expected[key], actual[key]), (name, key)
+        assert_same_weights(straight / name, resumed / name)
     student = load_file(straight / "checkpoints/checkpoint_6/model.safetensors")
     teacher = load_file(straight / "model.safetensors")
     assert not torch.equal(student["decode_head.conv_seg.weight"], teacher["decode_head.conv_seg.weight"])
+
+
+@pytest.mark.slow
+def test_semi_on_two_processes_resumes_exactly_and_from_one_process(mini_dir, tmp_path):
+    """2 CPU processes (gloo): 4 iterations straight vs stopped after 2 and resumed: identical student and teacher
+    (each process's teacher holds the main process's BatchNorm statistics, as the checkpoint does). A 1-process
+    checkpoint resumes on 2 processes (the teacher and both streams' positions carry over); that run is not compared
+    with a 1-process one: CutMix pairs images within a process's micro-batch and the unlabelled loss is normalised
+    per micro-batch, as UniMatch V2 does per GPU, so another process count is another (valid) run."""
+    from imagenets_hf.training.finetune import finetune
+
+    args = ["--data-dir", str(mini_dir), *cli_args({**SEMI_TINY, "max_iters": 4, "checkpoint_interval": 2})]
+    straight, resumed, moved = tmp_path / "straight", tmp_path / "resumed", tmp_path / "moved"
+    completed = run_finetune([*args, "--output-dir", str(straight)], launcher=launch_two_processes())
+    assert "2 process(es) x 4 per device x 1 accumulation = global batch 8" in completed.stdout
+    assert "4 a process and micro-batch" in completed.stdout
+    run_finetune([*args, "--output-dir", str(resumed), "--stop-after", "2"], launcher=launch_two_processes())
+    run_finetune([*args, "--output-dir", str(resumed), "--resume"], launcher=launch_two_processes())
+    for name in ("model.safetensors", "checkpoints/checkpoint_4/model.safetensors"):
+        assert_same_weights(straight / name, resumed / name)
+
+    recipe = load_recipe("demo", {**SEMI_TINY, "max_iters": 4, "checkpoint_interval": 2, "data_dir": str(mini_dir)})
+    finetune(load_recipe("demo", {**recipe.to_dict(), "output_dir": str(moved)}), stop_after=2, progress=False)
+    completed = run_finetune([*args, "--output-dir", str(moved), "--resume"], launcher=launch_two_processes())
+    assert "Resumed from" in completed.stdout and "at iteration 2" in completed.stdout
+    assert json.loads((moved / "results.json").read_text())["num_processes"] == 2

@@ -531,7 +531,7 @@ def setup_run(
 
     skip = training_progress.iteration * accumulation
     batches = build_batches(recipe, train_rows, accelerator, skip=skip)
-    unlabelled = build_unlabelled(recipe, accelerator, skip, train_rows) if teacher is not None else None
+    unlabelled = build_unlabelled(recipe, accelerator, skip, budget.unlabelled) if teacher is not None else None
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams)
@@ -555,12 +555,13 @@ def setup_run(
     )
 
 
-def build_unlabelled(recipe: Recipe, accelerator: Accelerator, skip: int, train_rows: Any) -> Iterator[dict]:
+def build_unlabelled(recipe: Recipe, accelerator: Accelerator, skip: int, extra_pool: Any) -> Iterator[dict]:
     """This process's endless stream of unlabelled micro-batches (one per labelled micro-batch), the first `skip`
-    skipped: the unlabelled pool of `recipe` (see `unlabelled_data.build_unlabelled_batches`)."""
+    skipped: the unlabelled folders of `recipe` and `extra_pool` (the train-semi images a label budget took the masks
+    of; see `unlabelled_data.build_unlabelled_batches`)."""
     from imagenets_hf.training.unlabelled_data import build_unlabelled_batches
 
-    return build_unlabelled_batches(recipe, accelerator, skip)
+    return build_unlabelled_batches(recipe, accelerator, skip, extra_pool=extra_pool)
 
 
 def build_optimizer_and_schedule(
