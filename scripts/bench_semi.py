@@ -20,7 +20,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 from imagenets_hf import cli  # noqa: E402
-from imagenets_hf.benchmarks.semi import format_semi_table, run_semi_benchmark  # noqa: E402
+from imagenets_hf.benchmarks.semi import PER_RUN_FIELDS, format_semi_table, run_semi_benchmark  # noqa: E402
 from imagenets_hf.training.recipes import add_recipe_arguments, overrides_from_args, recipe_from_args  # noqa: E402
 
 
@@ -35,20 +35,20 @@ def main(argv: list[str] | None = None) -> None:
         "--output-root", default="outputs/bench_semi", help="each run's folder goes here (replaced if present)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no per-run lines while training")
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, exclude=PER_RUN_FIELDS)
     parser.set_defaults(recipe="demo-semi")
     args = parser.parse_args(argv)
-    for name in ("labels_per_class", "seed", "output_dir"):  # set per run by the benchmark
-        if getattr(args, f"recipe_{name}") is not None:
-            parser.error(f"--{name.replace('_', '-')} is set per run by the benchmark; use its own options")
+    overrides = overrides_from_args(args)
+    for name in PER_RUN_FIELDS & overrides.keys():
+        parser.error(f"{name} is set per run by the benchmark (--labels-per-class, --seeds, --output-root)")
     recipe_from_args(args)  # a bad override stops here, in one line naming the flag
     summary = run_semi_benchmark(
         args.labels_per_class,
         args.seeds,
         recipe=args.recipe,
         output_root=args.output_root,
-        overrides=overrides_from_args(args),
-        log=(lambda line: None) if args.no_progress else print,
+        overrides=overrides,
+        log=None if args.no_progress else print,
     )
     for line in format_semi_table(summary):
         print(line)

@@ -19,6 +19,7 @@ from typing import Any
 from imagenets_hf.training.recipes import load_recipe
 
 METHODS = ("supervised", "semi")
+PER_RUN_FIELDS = frozenset({"labels_per_class", "seed", "output_dir"})  # what the benchmark sets for each run
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -32,7 +33,7 @@ def run_semi_benchmark(
     recipe: str = "demo-semi",
     output_root: str | Path = "outputs/bench_semi",
     overrides: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train both methods for every (budget, seed); return the summary (see the module docstring)."""
     from imagenets_hf.training.finetune import finetune
@@ -57,7 +58,8 @@ def run_semi_benchmark(
                 result = finetune(load_recipe(recipe, run_overrides), overwrite=True, progress=False)
                 miou[method].append(float(result["metrics"]["mIoU"]))
                 seconds[method].append(result["train_seconds"] / result["iterations"])
-                log(f"labels_per_class {k} seed {seed} {method}: mIoU {miou[method][-1]:.2f}")
+                if log is not None:
+                    log(f"labels_per_class {k} seed {seed} {method}: mIoU {miou[method][-1]:.2f}")
         gains = [semi - sup for semi, sup in zip(miou["semi"], miou["supervised"])]
         budgets.append(
             {

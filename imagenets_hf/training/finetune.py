@@ -73,10 +73,11 @@ def prepare_data(
 
     data_dir = Path(recipe.data_dir)
     with main_process_first(accelerator, recipe.prepare_timeout, f"the data of {data_dir}"):
-        if not data_dir.exists() and (make_mini_dataset or _is_demo_data_dir(recipe)):
+        is_demo_dir, unlabelled_per_class = _demo_data_dir(recipe)
+        if not data_dir.exists() and (make_mini_dataset or is_demo_dir):
             from imagenets_hf.data.mini import ensure_mini_dataset
 
-            ensure_mini_dataset(data_dir)
+            ensure_mini_dataset(data_dir, unlabelled_per_class=unlabelled_per_class)
         if not data_dir.is_dir():
             raise FileNotFoundError(
                 f"data folder {data_dir} does not exist: pass --data-dir with a prepared ImageNet-S folder "
@@ -135,10 +136,20 @@ def main_process_first(accelerator: Accelerator | None, timeout: float, what: st
     dist.destroy_process_group(group)
 
 
-def _is_demo_data_dir(recipe: Recipe) -> bool:
-    """True for the mini subset at the folder the demo recipe names (where the main job makes its data)."""
-    demo_dir = Path(load_recipe("demo").data_dir)
-    return recipe.subset == "mini" and Path(recipe.data_dir).resolve() == demo_dir.resolve()
+# The demo recipes whose mini dataset is made at their own data folder when absent, and its unlabelled (train/)
+# images a class: None is the mini dataset's default (6); demo-semi's 60 give the unlabelled stream enough to learn
+# from (docs/semi_supervised.md).
+DEMO_MINI_DATA = {"demo": None, "demo-semi": 60}
+
+
+def _demo_data_dir(recipe: Recipe) -> tuple[bool, int | None]:
+    """(whether `recipe` reads the mini subset at the folder a demo recipe names, where that recipe makes its data;
+    the unlabelled images a class that folder holds)."""
+    if recipe.subset == "mini":
+        for name, unlabelled_per_class in DEMO_MINI_DATA.items():
+            if Path(recipe.data_dir).resolve() == Path(load_recipe(name).data_dir).resolve():
+                return True, unlabelled_per_class
+    return False, None
 
 
 def build_model(recipe: Recipe, names: list[str]):

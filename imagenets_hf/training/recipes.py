@@ -501,8 +501,9 @@ def load_recipe(
 # -- command line -----------------------------------------------------------------------------------------------------
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--recipe`, `--config FILE`, `--set KEY=VALUE` and one `--field-name VALUE` flag per Recipe field."""
+def add_recipe_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Add `--recipe`, `--config FILE`, `--set KEY=VALUE` and one `--field-name VALUE` flag per Recipe field (but
+    the fields in `exclude`, which the script sets itself)."""
     parser.add_argument(
         "--recipe",
         default="demo",
@@ -516,6 +517,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "recipe fields (override the recipe; LIST and MAPPING values are YAML, null unsets an optional field)"
     )
     for f in dataclasses.fields(Recipe):
+        if f.name in exclude:
+            continue
         choices = f.metadata["choices"]
         group.add_argument(
             "--" + f.name.replace("_", "-"),
