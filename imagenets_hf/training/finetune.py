@@ -748,6 +748,11 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
         )
         print(table)
         print(f"mIoU {metrics['mIoU']:.2f} on {len(run.val_rows)} validation images; model saved to {output_dir}")
+        if run.teacher is not None:
+            print(
+                f"semi-supervised: teacher mIoU {result['mIoU_teacher']:.2f}, student mIoU "
+                f"{result['mIoU_student']:.2f}; saved the {recipe.semi_final_model} (semi_final_model)"
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
