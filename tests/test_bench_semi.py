@@ -26,7 +26,8 @@ def test_summary_pairs_each_seed_and_takes_mean_and_spread(monkeypatch, tmp_path
         seen.append(recipe)
         semi = recipe.semi_supervised == "unimatch"
         miou = {(0, False): 10.0, (0, True): 14.0, (1, False): 20.0, (1, True): 22.0}[(recipe.seed, semi)]
-        return {"metrics": {"mIoU": miou}, "train_seconds": 6.0 if semi else 2.0, "iterations": 2}
+        both = {"mIoU_teacher": miou, "mIoU_student": miou - 1} if semi else {}
+        return {"metrics": {"mIoU": miou}, "train_seconds": 6.0 if semi else 2.0, "iterations": 2, **both}
 
     from imagenets_hf.training import finetune as finetune_module
 
@@ -35,12 +36,15 @@ def test_summary_pairs_each_seed_and_takes_mean_and_spread(monkeypatch, tmp_path
     (row,) = summary["budgets"]
     assert (row["supervised"], row["semi"], row["gain_mean"]) == ([10.0, 20.0], [14.0, 22.0], 3.0)
     assert row["gain_std"] == pytest.approx(2**0.5)
+    assert (row["semi_student"], row["gain_teacher_mean"], row["gain_student_mean"]) == ([13.0, 21.0], 3.0, 2.0)
     assert summary["seconds_per_iteration"] == {"supervised": 1.0, "semi": 3.0}
     assert len(seen) == 4 and all(r.labels_per_class == 1 and r.max_iters == 50 for r in seen)
     for supervised, semi in zip(seen[0::2], seen[1::2]):
         differing = {k for k, v in supervised.to_dict().items() if semi.to_dict()[k] != v}
         assert differing == {"semi_supervised", "output_dir"}
-    assert "| 1 | 2 | 15.00 +- 7.07 | 18.00 +- 5.66 | +3.00 +- 1.41 |" in bench.format_semi_table(summary)
+    assert "| 1 | 2 | 15.00 +- 7.07 | 18.00 +- 5.66 | +3.00 +- 1.41 | +3.00 | +2.00 |" in bench.format_semi_table(
+        summary
+    )
 
 
 def test_a_supervised_recipe_is_refused():

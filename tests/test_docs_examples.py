@@ -80,6 +80,8 @@ NOT_RUN = {
     "python scripts/bench_eval_scale.py                   # 16 images of 375x500 and 2 of 1000x1000, batches of 8, "
     "CPU": "minutes of a shared CPU (the former path), the second line a GPU; the quick bench_eval_scale block and "
     "tests/test_bench_eval_scale.py run the same code",
+    "python scripts/bench_semi.py --labels-per-class 1 2 10 --seeds 0 1 2": "18 training runs, many minutes of a "
+    "2-core CPU; tests/test_bench_semi.py runs the script at toy size and the demo-semi block runs the recipe",
     "python scripts/check_gpu.py                  # on a CUDA machine": "a GPU and minutes (its second line, toy "
     "sizes on the CPU, minutes of CI); tests/test_bench_check_gpu.py runs that second line",
 }

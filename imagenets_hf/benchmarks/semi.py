@@ -4,8 +4,9 @@ For each label budget k (labelled images a class of train-semi, the others joini
 trains the semi-supervised recipe (`demo-semi` by default) and the same recipe with `semi_supervised: none`: the same
 model, labelled batches, schedule and iterations, so the only difference is the unlabelled stream and the teacher.
 Each run is a full `finetune` (its own output folder under `output_root`) and reports the final validation mIoU of
-the model it saves (a semi-supervised run saves `semi_final_model`, the teacher by default). It returns per budget
-the mIoUs, their means and spreads, the mean gain, and the seconds per training iteration of both methods; the
+the model it saves (a semi-supervised run saves `semi_final_model`), and for semi-supervised runs both the teacher's
+and the student's. It returns per budget the mIoUs, their means and spreads, the mean gains (of the saved model, of
+the teacher, of the student), and the seconds per training iteration of both methods; the
 script prints a table and that summary as one JSON line.
 """
 
@@ -45,6 +46,7 @@ def run_semi_benchmark(
     seconds: dict[str, list[float]] = {method: [] for method in METHODS}
     for k in labels_per_class:
         miou: dict[str, list[float]] = {method: [] for method in METHODS}
+        both: dict[str, list[float]] = {"semi_teacher": [], "semi_student": []}  # a semi run evaluates both
         for seed in seeds:
             for method in METHODS:
                 run_overrides = {
@@ -57,6 +59,8 @@ def run_semi_benchmark(
                     run_overrides["semi_supervised"] = "none"
                 result = finetune(load_recipe(recipe, run_overrides), overwrite=True, progress=False)
                 miou[method].append(float(result["metrics"]["mIoU"]))
+                for name in both if method == "semi" else ():
+                    both[name].append(float(result[name.replace("semi_", "mIoU_")]))
                 seconds[method].append(result["train_seconds"] / result["iterations"])
                 if log is not None:
                     log(f"labels_per_class {k} seed {seed} {method}: mIoU {miou[method][-1]:.2f}")
@@ -73,6 +77,13 @@ def run_semi_benchmark(
                 "semi_std": _spread(miou["semi"]),
                 "gain_mean": statistics.fmean(gains),
                 "gain_std": _spread(gains),
+                **both,
+                **{
+                    f"gain_{name.removeprefix('semi_')}_mean": statistics.fmean(
+                        [a - b for a, b in zip(values, miou["supervised"])]
+                    )
+                    for name, values in both.items()
+                },
             }
         )
     return {
@@ -88,14 +99,16 @@ def format_semi_table(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"recipe {summary['recipe']}, {summary['iterations']} iterations; mIoU (mean +- std over seeds)",
         "",
-        "| labels a class | seeds | supervised | semi-supervised | gain |",
-        "|---|---|---|---|---|",
+        "| labels a class | seeds | supervised | semi-supervised (saved model) | gain | gain of the teacher | gain of "
+        "the student |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in summary["budgets"]:
         lines.append(
             f"| {row['labels_per_class']} | {len(row['seeds'])} | {row['supervised_mean']:.2f} +- "
             f"{row['supervised_std']:.2f} | {row['semi_mean']:.2f} +- {row['semi_std']:.2f} | "
-            f"{row['gain_mean']:+.2f} +- {row['gain_std']:.2f} |"
+            f"{row['gain_mean']:+.2f} +- {row['gain_std']:.2f} | {row['gain_teacher_mean']:+.2f} | "
+            f"{row['gain_student_mean']:+.2f} |"
         )
     per_iteration = summary["seconds_per_iteration"]
     lines += [
