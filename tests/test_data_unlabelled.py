@@ -186,6 +186,49 @@ def test_two_processes_serve_the_one_process_samples_and_resume_skips_exactly(im
         torch.testing.assert_close(after[key], third[key], rtol=0, atol=0)
 
 
+def _check_index_in_group(rank: int, port: int, folders: list[str], results) -> None:
+    import torch.distributed as dist
+
+    from imagenets_hf.training.unlabelled_data import check_same_index
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        check_same_index(index_image_files([folders[0]]))  # the same folder on both: no complaint
+        try:
+            check_same_index(index_image_files([folders[rank]]))
+        except ValueError as error:
+            results.put((rank, str(error)))
+        else:
+            results.put((rank, "no error"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: about 20 s on the shared 2-core machine
+def test_processes_that_index_different_files_are_stopped(image_dir, tmp_path):
+    """Two processes of a gloo group: the same folder passes; a folder with one file more on process 1 stops both."""
+    import multiprocessing
+    import shutil
+    import socket
+
+    shutil.copytree(image_dir, tmp_path / "copy")
+    _write_images(tmp_path / "copy" / "extra", 1, seed=9)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    folders = [str(image_dir), str(tmp_path / "copy")]
+    processes = [context.Process(target=_check_index_in_group, args=(r, port, folders, results)) for r in range(2)]
+    for process in processes:
+        process.start()
+    messages = dict(results.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    expected = "the processes indexed different unlabelled files (process 0: 12 files, process 1: 13 files;"
+    assert messages[0].startswith(expected) and messages[1] == messages[0]
+
+
 def test_unlabelled_batch_must_divide_over_processes_and_accumulation(image_dir):
     recipe = _recipe(image_dir, unlabelled_global_batch_size=5)
     with pytest.raises(RecipeError, match=r"unlabelled_global_batch_size 5 is not a multiple of 1 process\(es\) x 2"):
@@ -423,3 +466,12 @@ def test_unlabelled_batches_pass_batches_without_skips_unchanged():
     batch = {key: torch.zeros(1) for key in BATCH_KEYS}
     wrapped = UnlabelledBatches(iter([{**batch, "skipped_files": []}]))
     assert set(next(wrapped)) == set(BATCH_KEYS) and wrapped.skipped == 0
+
+
+def test_a_run_stopped_by_a_bad_file_may_resume_skipping_it():
+    from imagenets_hf.training.run_folder import recipe_differences
+
+    before = load_recipe("demo")
+    after = load_recipe("demo", {"skip_bad_unlabelled": True})
+    assert recipe_differences(before, after) == {}
+    assert recipe_differences(before, load_recipe("demo", {"labels_per_class": 1})) == {"labels_per_class": (None, 1)}

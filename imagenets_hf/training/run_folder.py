@@ -32,6 +32,8 @@ RESUMABLE_FIELDS = frozenset(
         "worker_timeout",
         "collective_timeout",
         "prepare_timeout",
+        # a run stopped by an undecodable unlabelled file resumes skipping it; every other sample stays the same
+        "skip_bad_unlabelled",
     }
 )
 

@@ -42,6 +42,7 @@ the skipped files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import multiprocessing.forkserver
@@ -148,6 +149,14 @@ class ImageFileIndex:
     @property
     def nbytes(self) -> int:
         return self.names.nbytes + self.offsets.nbytes + self.root_starts.nbytes
+
+    def fingerprint(self) -> str:
+        """A digest of the listing (folders and paths, in order): equal on two processes iff they index the same."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update("\0".join(self.roots).encode())
+        for array in (self.root_starts, self.offsets, self.names):
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
 
     def path(self, index: int) -> str:
         root = int(np.searchsorted(self.root_starts, index, side="right")) - 1
@@ -610,6 +619,23 @@ def unlabelled_batch_size(recipe: Any, num_processes: int) -> int:
     return recipe.unlabelled_global_batch_size // per_step
 
 
+def check_same_index(files: ImageFileIndex) -> None:
+    """Under several processes (a torch.distributed group), check that every process indexed the same files: each
+    scans the folders itself, and a listing that differs (a copy of the folder not yet in sync on another node) would
+    map one stream position to different images. ValueError naming the counts otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    mine = (len(files), files.fingerprint())
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    if any(other != everyone[0] for other in everyone):
+        counts = ", ".join(f"process {rank}: {count} files" for rank, (count, _) in enumerate(everyone))
+        raise ValueError(
+            f"the processes indexed different unlabelled files ({counts}; the same count means other names): every "
+            "process must see the same unlabelled folders (unlabelled_dirs)"
+        )
+
+
 def build_unlabelled_batches(
     recipe: Any, accelerator: Any, skip: int, extra_pool: Any = None, log: Callable[[str], Any] | None = None
 ) -> UnlabelledBatches:
@@ -628,6 +654,7 @@ def build_unlabelled_batches(
     folders = unlabelled_folders(recipe)
     what = "unlabelled_dirs" if recipe.unlabelled_dirs else f"unlabelled_dirs empty: {recipe.data_dir}/train"
     files = index_image_files(folders, what=what)
+    check_same_index(files)
     pool = UnlabelledPool(files, extra_pool)
     batch_size = unlabelled_batch_size(recipe, accelerator.num_processes)
     log(
