@@ -58,8 +58,9 @@ def data_dir(tmp_path) -> Path:
     [
         (
             ["--recipe", "nope"],
-            "finetune.py: error: unknown recipe 'nope'; available: demo, mae-base-finetuned, mae-base-pretrained, "
-            "sere-small-finetuned, sere-small-pretrained; not published for ImageNet-S: dinov2-base-fcn, "
+            "finetune.py: error: unknown recipe 'nope'; available: demo, demo-semi, mae-base-finetuned, "
+            "mae-base-pretrained, mae-base-pretrained-semi, sere-small-finetuned, sere-small-pretrained, "
+            "sere-small-pretrained-semi; not published for ImageNet-S: dinov2-base-fcn, dinov2-base-fcn-semi, "
             "dinov2-small-linear (or a YAML file) (see --help)",
         ),
         (

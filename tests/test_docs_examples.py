@@ -89,6 +89,8 @@ NOT_RUN = {
     "tests/test_bench_scale.py runs every stage at a toy scale",
     "python scripts/make_mini_dataset.py --out data/ImageNetS919 --scale 919   # 49,032 labelled and test images, "
     "4.9 GB": "writes 4.9 GB in minutes; the --scale 3 block above and tests/test_data_scale.py run the same code",
+    "python scripts/bench_semi.py --labels-per-class 1 2 10 --seeds 0 1 2": "18 training runs, many minutes of a "
+    "2-core CPU; tests/test_bench_semi.py runs the script at toy size and the demo-semi block runs the recipe",
     "python scripts/check_gpu.py                  # on a CUDA machine": "a GPU and minutes (its second line, toy "
     "sizes on the CPU, minutes of CI); tests/test_bench_check_gpu.py runs that second line",
 }

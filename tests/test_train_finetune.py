@@ -297,6 +297,7 @@ def test_train_step_returns_the_lr_it_stepped_with():
         accumulation=1,
         recipe=SimpleNamespace(grad_clip=None),
         last_checkpoint=None,
+        teacher=None,  # a supervised run
     )
     before = model.weight.detach().clone()
     _, lr0 = train_step(run, 0)

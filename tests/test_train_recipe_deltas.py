@@ -28,6 +28,14 @@ from imagenets_hf.training.recipes import (
 # description and output folder.
 PUBLISHED_ROW = {"name", "description", "encoder_name", "pretrained", "lr", "layer_decay", "output_dir"}
 UNPUBLISHED = {"dinov2-small-linear", "dinov2-base-fcn"}
+# Variants (`base: <recipe>`): the semi-supervised ones state their name, description, output folder and method.
+VARIANTS = {
+    "mae-base-pretrained-semi": "mae-base-pretrained",
+    "sere-small-pretrained-semi": "sere-small-pretrained",
+    "dinov2-base-fcn-semi": "dinov2-base-fcn",
+    "demo-semi": "demo",
+}
+PUBLISHED = set(available_recipes()) - {"demo"} - set(VARIANTS)
 # What the unpublished recipes state beyond that: the two published choices that only mmsegmentation's code made
 # (stochastic depth on the MLP branch alone, weight decay on the tokens), which DINOv2's blocks and tokens do not take.
 UNPUBLISHED_EXTRA = {"head": None, "drop_path_branches": "both", "no_weight_decay_tokens": True}
@@ -37,7 +45,7 @@ def stated_fields(name: str) -> dict:
     return yaml.safe_load(recipe_path(name).read_text())
 
 
-@pytest.mark.parametrize("name", sorted(set(available_recipes()) - {"demo"}))
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_recipe_files_state_only_their_row(name):
     stated = stated_fields(name)
     assert set(stated) == PUBLISHED_ROW
@@ -49,8 +57,13 @@ def test_published_recipe_files_state_only_their_row(name):
 
 
 def test_unpublished_recipes_are_marked_and_kept_apart():
-    assert set(unpublished_recipes()) == UNPUBLISHED
-    assert not UNPUBLISHED & set(available_recipes())
+    assert set(unpublished_recipes()) == UNPUBLISHED | {"dinov2-base-fcn-semi"}
+    assert not set(unpublished_recipes()) & set(available_recipes())
+    assert set(VARIANTS) <= set(available_recipes()) | set(unpublished_recipes())
+    for name in set(unpublished_recipes()) | set(VARIANTS) - {"demo-semi"}:
+        text = recipe_path(name).read_text()
+        assert text.startswith(("# NOT PUBLISHED FOR IMAGENET-S", "# NO RESULT REPORTED")), name
+        assert "Reported mIoU" not in text  # the model card reads a reported figure from that line
     for name in UNPUBLISHED:
         text = recipe_path(name).read_text()
         assert text.startswith("# NOT PUBLISHED FOR IMAGENET-S")
@@ -68,7 +81,7 @@ def test_recipe_heads_are_the_model_presets():
     assert DROP_PATH_BRANCHES == MODEL_DROP_PATH_BRANCHES
 
 
-@pytest.mark.parametrize("name", sorted(set(available_recipes()) - {"demo"}))
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_recipes_train_as_the_mmseg_runs(name):
     """The real encoders (meta device). Stochastic depth: mmseg's ViT layer drops only its FFN branch, block i at
     0.1 * i / 11. Weight decay: mmseg's LearningRateDecayOptimizerConstructor (num_layers = 12 + 2) puts
@@ -120,3 +133,32 @@ def test_unpublished_recipes_layer_ids_fit_their_real_encoder(name):
     assert by_param["encoder.reg_token"]["lr_scale"] == pytest.approx(recipe.layer_decay**13)
     assert by_param["encoder.reg_token"]["weight_decay"] == 0.0  # a token, as cls_token and pos_embed
     assert by_param["encoder.blocks.5.ls1.gamma"]["lr_scale"] == pytest.approx(recipe.layer_decay ** (13 - 6))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_state_only_their_differences_from_their_base(name):
+    """A variant file names its base and states only its name, description, output folder and what it changes (the
+    semi-supervised method and, for the CPU demo, its data and budget); every other field is the base recipe's."""
+    stated = stated_fields(name)
+    assert stated.pop("base") == VARIANTS[name]
+    recipe, base = load_recipe(name), load_recipe(VARIANTS[name])
+    assert recipe.semi_supervised == "unimatch" and base.semi_supervised == "none"
+    assert recipe.name == name and recipe.output_dir == f"outputs/{name}"
+    for field in dataclasses.fields(Recipe):
+        if field.name not in stated:
+            assert getattr(recipe, field.name) == getattr(base, field.name), field.name
+    if name != "demo-semi":
+        assert set(stated) == {"name", "description", "semi_supervised", "output_dir"}
+        assert (recipe.max_iters, recipe.unlabelled_global_batch_size) == (3600, 256)
+
+
+def test_a_recipe_file_base_must_be_another_shipped_recipe(tmp_path):
+    from imagenets_hf.training.recipes import RecipeError
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("base: demo\nmax_iters: 50\n")
+    recipe = load_recipe(own)
+    assert (recipe.max_iters, recipe.crop_size, recipe.data_dir) == (50, 96, "data/mini")  # the rest: demo's
+    own.write_text("base: nonesuch\n")
+    with pytest.raises(RecipeError, match=f"{own}: base 'nonesuch' is not another shipped recipe"):
+        load_recipe(own)

@@ -19,5 +19,10 @@ TINY_RECIPE = {
 
 
 def cli_args(overrides: dict) -> list[str]:
-    """The same settings as `finetune.py` options (JSON values are YAML, which the command line reads)."""
-    return [arg for key, value in overrides.items() for arg in (f"--{key.replace('_', '-')}", json.dumps(value))]
+    """The same settings as `finetune.py` options (JSON values are YAML, which the command line reads; text as it is,
+    since a text field takes its flag's value verbatim)."""
+    return [
+        arg
+        for key, value in overrides.items()
+        for arg in (f"--{key.replace('_', '-')}", value if isinstance(value, str) else json.dumps(value))
+    ]

@@ -109,6 +109,23 @@ def _init_classifier(conv: nn.Conv2d, std: float) -> None:
     init.zeros_(conv.bias)
 
 
+def complementary_dropout_masks(batch: int, channels: int, fraction: float) -> torch.Tensor:
+    """(batch, channels) channel multipliers of UniMatch V2's complementary dropout (`model/semseg/dpt.py`,
+    `comp_drop`) for a batch made of two halves, view 1 then view 2 of the same images: for each image pair, view 1
+    keeps a random half of the channels (each with probability 0.5) doubled and view 2 the other channels doubled,
+    so the two masks add up to 2 everywhere; `fraction` of the pairs get such masks, the others are left whole (1).
+    Drawn from torch's global generator on the CPU, as UniMatch V2 does."""
+    if batch % 2:
+        raise ValueError(f"complementary dropout needs a batch of two halves (view 1, view 2), got {batch} images")
+    pairs = batch // 2
+    first = torch.bernoulli(torch.full((pairs, channels), 0.5)) * 2.0
+    second = 2.0 - first
+    kept = torch.randperm(pairs)[: int(pairs * (1 - fraction))]  # UniMatch V2: int(bs // 2 * (1 - dropout_prob))
+    first[kept] = 1.0
+    second[kept] = 1.0
+    return torch.cat((first, second))
+
+
 def _last_map(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return features if isinstance(features, torch.Tensor) else features[-1]
 
@@ -445,15 +462,20 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         maps, hidden_states = self.forward_feature_maps(pixel_values, output_hidden_states)
         return maps[-1], hidden_states
 
-    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross entropy (ignore `ignore_index`): labels (B, H, W) resized nearest to (H/d, W/d) (d =
-        `loss_downsample`), logits upsampled bilinearly to that size; averaged over all pixels or non-ignored ones."""
+    def loss_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B, H, W) at the loss's resolution (H/d, W/d) (d = `loss_downsample`), resized nearest, as long."""
         height, width = labels.shape[-2:]
         size = (max(1, height // self.config.loss_downsample), max(1, width // self.config.loss_downsample))
         if size != (height, width):
             # Through float: exact for ids below 2**24; "nearest" picks floor(i * scale) like cv2's INTER_NEAREST.
-            labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        logits = resize_bilinear(logits.float(), size)
+            return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        return labels.long()
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross entropy (ignore `ignore_index`): labels (B, H, W) resized nearest to (H/d, W/d) (d =
+        `loss_downsample`), logits upsampled bilinearly to that size; averaged over all pixels or non-ignored ones."""
+        labels = self.loss_labels(labels)
+        logits = resize_bilinear(logits.float(), tuple(labels.shape[-2:]))
         pixel_losses = F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index, reduction="none")
         if self.config.loss_average == "all":
             return pixel_losses.sum() / pixel_losses.numel()
@@ -466,6 +488,7 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        complementary_dropout: float = 0.0,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         r"""
@@ -475,6 +498,10 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
         output_hidden_states (`bool`, *optional*): also return the encoder's token sequences, prefix tokens
             included, before the final norm: the embedding output and each block's output (the timm forward: each
             block's output), up to the last of `config.out_indices`.
+        complementary_dropout (`float`, *optional*, defaults to 0): for semi-supervised training (UniMatch V2's
+            `comp_drop`): the batch holds two views of the same images (first half, second half) and this fraction of
+            the image pairs gets complementary channel dropout on the feature maps the head reads
+            (`complementary_dropout_masks`). 0: off, the forward is unchanged.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -487,6 +514,10 @@ class ViTFCNForSemanticSegmentation(ViTFCNPreTrainedModel):
             )
 
         maps, hidden_states = self.forward_feature_maps(pixel_values, output_hidden_states=bool(output_hidden_states))
+        if complementary_dropout:
+            masks = complementary_dropout_masks(maps[-1].shape[0], maps[-1].shape[1], complementary_dropout)
+            masks = masks.to(device=maps[-1].device, dtype=maps[-1].dtype)[:, :, None, None]
+            maps = [feature_map * masks for feature_map in maps]  # one mask for every map, as UniMatch V2
         logits = self.decode_head(maps)
         loss = self.compute_loss(logits, labels) if labels is not None else None
 
@@ -504,6 +535,7 @@ __all__ = [
     "MultiLayerHead",
     "ConvBNReLU",
     "build_head",
+    "complementary_dropout_masks",
 ]
 
 

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from imagenets_hf.training.label_budget import apply_label_budget
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
+from imagenets_hf.training.semi import broadcast_teacher_buffers, make_teacher, semi_losses, update_teacher
 
 RESULTS_FILE_NAME = "results.json"
 # Training's validation runs the official protocol; results.json and the model card say so (evaluate.py --mode
@@ -77,10 +78,11 @@ def prepare_data(
 
     data_dir = Path(recipe.data_dir)
     with main_process_first(accelerator, recipe.prepare_timeout, f"the data of {data_dir}"):
-        if not data_dir.exists() and (make_mini_dataset or _is_demo_data_dir(recipe)):
+        is_demo_dir, unlabelled_per_class = _demo_data_dir(recipe)
+        if not data_dir.exists() and (make_mini_dataset or is_demo_dir):
             from imagenets_hf.data.mini import ensure_mini_dataset
 
-            ensure_mini_dataset(data_dir)
+            ensure_mini_dataset(data_dir, unlabelled_per_class=unlabelled_per_class)
         if not data_dir.is_dir():
             raise FileNotFoundError(
                 f"data folder {data_dir} does not exist: pass --data-dir with a prepared ImageNet-S folder "
@@ -139,10 +141,20 @@ def main_process_first(accelerator: Accelerator | None, timeout: float, what: st
     dist.destroy_process_group(group)
 
 
-def _is_demo_data_dir(recipe: Recipe) -> bool:
-    """True for the mini subset at the folder the demo recipe names (where the main job makes its data)."""
-    demo_dir = Path(load_recipe("demo").data_dir)
-    return recipe.subset == "mini" and Path(recipe.data_dir).resolve() == demo_dir.resolve()
+# The demo recipes whose mini dataset is made at their own data folder when absent, and its unlabelled (train/)
+# images a class: None is the mini dataset's default (6); demo-semi's 60 give the unlabelled stream enough to learn
+# from (docs/semi_supervised.md).
+DEMO_MINI_DATA = {"demo": None, "demo-semi": 60}
+
+
+def _demo_data_dir(recipe: Recipe) -> tuple[bool, int | None]:
+    """(whether `recipe` reads the mini subset at the folder a demo recipe names, where that recipe makes its data;
+    the unlabelled images a class that folder holds)."""
+    if recipe.subset == "mini":
+        for name, unlabelled_per_class in DEMO_MINI_DATA.items():
+            if Path(recipe.data_dir).resolve() == Path(load_recipe(name).data_dir).resolve():
+                return True, unlabelled_per_class
+    return False, None
 
 
 def build_model(recipe: Recipe, names: list[str]):
@@ -314,10 +326,22 @@ class TrainingRun:
     accumulation: int
     last_checkpoint: Path | None
     settings: dict[str, Any]  # how it runs: `what_runs`
+    # semi-supervised runs (recipe.semi_supervised): the EMA teacher and this process's unlabelled micro-batches
+    teacher: torch.nn.Module | None = None
+    unlabelled: Iterator[dict[str, torch.Tensor]] | None = None
+    semi_log: dict[str, float] = field(default_factory=dict)  # the last step's loss_x, loss_u, confident ratio
 
     @property
     def output_dir(self) -> Path:
         return Path(self.recipe.output_dir)
+
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """The model evaluated during training and saved at the end: the student, or a semi-supervised run's teacher
+        when `recipe.semi_final_model` says so."""
+        if self.teacher is not None and self.recipe.semi_final_model == "teacher":
+            return self.teacher
+        return self.model
 
 
 def finetune(
@@ -380,11 +404,11 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if recipe.log_interval and (done % recipe.log_interval == 0 or done == end_iteration):
-                accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=done)
+                accelerator.log({"train/loss": loss_value, "train/lr": lr, **run.semi_log}, step=done)
             if recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0:
                 run.last_checkpoint = checkpoint(run, done)
             if recipe.val_interval and done % recipe.val_interval == 0 and done < recipe.max_iters:
-                metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+                metrics = evaluate(run.final_model, run.image_processor, run.val_rows, accelerator, recipe, progress)
                 accelerator.log({"val/mIoU": metrics["mIoU"]}, step=done)
                 if accelerator.is_main_process:
                     bar.write(f"iteration {done}: validation mIoU {metrics['mIoU']:.2f}")
@@ -531,11 +555,17 @@ def setup_run(
     optimizer, scheduler = build_optimizer_and_schedule(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     training_progress = TrainingProgress()
-    # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside.
-    accelerator.register_for_checkpointing(scheduler, training_progress)
+    # Not prepared: the scheduler steps exactly once per optimizer step; checkpointed alongside (and the teacher,
+    # not trained by the optimizer, so not prepared either).
+    teacher = None
+    if recipe.semi_supervised != "none":
+        teacher = make_teacher(accelerator.unwrap_model(model, keep_torch_compile=False))
+    accelerator.register_for_checkpointing(scheduler, training_progress, *([teacher] if teacher is not None else []))
     last_checkpoint = restore_checkpoint(accelerator, recipe, resume, training_progress) if resume else None
 
-    batches = build_batches(recipe, train_rows, accelerator, skip=training_progress.iteration * accumulation)
+    skip = training_progress.iteration * accumulation
+    batches = build_batches(recipe, train_rows, accelerator, skip=skip)
+    unlabelled = build_unlabelled(recipe, accelerator, skip, budget.unlabelled) if teacher is not None else None
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams, init_kwargs=tracker_init_kwargs(recipe))
@@ -554,6 +584,8 @@ def setup_run(
         accumulation=accumulation,
         last_checkpoint=last_checkpoint,
         settings=what_runs(accelerator, model, tf32),
+        teacher=teacher,
+        unlabelled=unlabelled,
     )
 
 
@@ -576,6 +608,15 @@ def tracker_init_kwargs(recipe: Recipe) -> dict[str, dict[str, Any]]:
     logs = Path(recipe.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     return {"wandb": {"dir": str(logs)}}
+
+
+def build_unlabelled(recipe: Recipe, accelerator: Accelerator, skip: int, extra_pool: Any) -> Iterator[dict]:
+    """This process's endless stream of unlabelled micro-batches (one per labelled micro-batch), the first `skip`
+    skipped: the unlabelled folders of `recipe` and `extra_pool` (the train-semi images a label budget took the masks
+    of; see `unlabelled_data.build_unlabelled_batches`)."""
+    from imagenets_hf.training.unlabelled_data import build_unlabelled_batches
+
+    return build_unlabelled_batches(recipe, accelerator, skip, extra_pool=extra_pool)
 
 
 def build_optimizer_and_schedule(
@@ -668,19 +709,33 @@ def describe_settings(recipe: Recipe, settings: dict[str, Any]) -> str:
 
 
 def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
-    """One optimizer step over a global batch (accumulating micro-batches); returns (mean loss, head lr)."""
+    """One optimizer step over a global batch (accumulating micro-batches); returns (mean loss, head lr). A
+    semi-supervised run adds an unlabelled micro-batch to each labelled one, moves the teacher after the step and
+    keeps the step's mean loss_x, loss_u and confident-pixel ratio in `run.semi_log`."""
     accelerator, model = run.accelerator, run.model
-    loss_sum = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(4, device=accelerator.device)  # loss, loss_x, loss_u, confident ratio
     for micro_step in range(run.accumulation):
         batch = next(run.batches)
         pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         last_micro_step = micro_step == run.accumulation - 1
         with nullcontext() if last_micro_step else accelerator.no_sync(model):
-            loss = model(pixel_values=pixel_values, labels=labels).loss
+            if run.teacher is None:
+                loss = model(pixel_values=pixel_values, labels=labels).loss
+                parts = [loss.detach()]
+            else:
+                unlabelled = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(run.unlabelled).items()}
+                losses = semi_losses(
+                    model, run.teacher, run.recipe, pixel_values, labels, unlabelled, accelerator.autocast
+                )
+                loss = losses.loss
+                parts = [loss.detach(), losses.loss_x, losses.loss_u, losses.confident_ratio]
             accelerator.backward(loss / run.accumulation)
-        loss_sum += loss.detach()
-    loss_value = accelerator.reduce(loss_sum / run.accumulation, reduction="mean").item()
+        sums[: len(parts)] += torch.stack(parts).float()
+    means = accelerator.reduce(sums / run.accumulation, reduction="mean").tolist()
+    loss_value = means[0]
+    if run.teacher is not None:
+        run.semi_log = {"train/loss_x": means[1], "train/loss_u": means[2], "train/confident_ratio": means[3]}
     if not math.isfinite(loss_value):
         accelerator.end_training()
         raise NonFiniteLossError(
@@ -693,6 +748,10 @@ def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.teacher is not None:
+        student = accelerator.unwrap_model(model, keep_torch_compile=False)
+        update_teacher(run.teacher, student, iteration, run.recipe.ema_momentum)
+        broadcast_teacher_buffers(run.teacher)
     return loss_value, lr
 
 
@@ -707,12 +766,22 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
     from imagenets_hf.evaluation.inference import format_iou_table
 
     accelerator, recipe, output_dir = run.accelerator, run.recipe, run.output_dir
-    metrics = evaluate(run.model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+    final_model = run.final_model
+    if run.teacher is not None:
+        # UniMatch V2 evaluates both; the recipe's semi_final_model is the one saved (and reported as mIoU).
+        other, other_name = (run.model, "student") if final_model is run.teacher else (run.teacher, "teacher")
+        other_metrics = evaluate(other, run.image_processor, run.val_rows, accelerator, recipe, progress)
+        result[f"mIoU_{other_name}"] = other_metrics["mIoU"]
+        accelerator.log({f"val/mIoU_{other_name}": other_metrics["mIoU"]}, step=result["iterations"])
+        result["saved_model"] = recipe.semi_final_model
+    metrics = evaluate(final_model, run.image_processor, run.val_rows, accelerator, recipe, progress)
+    if run.teacher is not None:
+        result[f"mIoU_{recipe.semi_final_model}"] = metrics["mIoU"]
     accelerator.log({"val/mIoU": metrics["mIoU"]}, step=result["iterations"])
     table = format_iou_table(metrics, run.names)
     result["metrics"] = metrics
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its wrapper
+        final = accelerator.unwrap_model(final_model, keep_torch_compile=False)  # the module itself, not its wrapper
         if any(isinstance(m, torch.nn.SyncBatchNorm) for m in final.modules()):
             final = _revert_sync_batchnorm(final)
         final.to(torch.float32).save_pretrained(output_dir)
@@ -731,6 +800,11 @@ def finish_run(run: TrainingRun, result: dict[str, Any], progress: bool = True) 
         )
         print(table)
         print(f"mIoU {metrics['mIoU']:.2f} on {len(run.val_rows)} validation images; model saved to {output_dir}")
+        if run.teacher is not None:
+            print(
+                f"semi-supervised: teacher mIoU {result['mIoU_teacher']:.2f}, student mIoU "
+                f"{result['mIoU_student']:.2f}; saved the {recipe.semi_final_model} (semi_final_model)"
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

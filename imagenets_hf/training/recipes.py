@@ -34,7 +34,10 @@ HEADS = ("fcn", "linear", "multilayer")
 DROP_PATH_BRANCHES = ("both", "mlp")  # the model's too (configuration_vit_fcn.DROP_PATH_BRANCHES), held equal by a test
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")  # accelerate's trackers a run may log to (`report_to`)
+SEMI_METHODS = ("none", "unimatch")
+SEMI_FINAL_MODELS = ("teacher", "student")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
+BASE_KEY = "base"  # in a recipe file: the shipped recipe it starts from (see read_overrides)
 
 
 class RecipeError(ValueError):
@@ -172,6 +175,33 @@ class Recipe:
     per_device_batch_size: int = _option(
         32, help="images per process and micro-batch; gradient accumulation makes up the global batch"
     )
+    # -- semi-supervised training (UniMatch V2; see docs/semi_supervised.md)
+    semi_supervised: str = _option(
+        "none",
+        help="none: train on the labelled images alone; unimatch: add an unlabelled batch to every iteration, "
+        "pseudo-labelled by an EMA teacher (UniMatch V2)",
+        choices=SEMI_METHODS,
+    )
+    confidence_threshold: float = _option(
+        0.95, help="semi: the student learns the teacher's pixels whose softmax maximum is at least this (0 to 1)"
+    )
+    ema_momentum: float = _option(
+        0.996, help="semi: teacher = EMA of the student with momentum min(1 - 1/(t + 1), this) at iteration t (0 to 1)"
+    )
+    supervised_loss_weight: float = _option(0.5, help="semi: weight of the labelled loss (UniMatch V2: 0.5)")
+    unsupervised_loss_weight: float = _option(
+        0.5, help="semi: weight of the mean of the two strong views' losses (UniMatch V2: 0.5)"
+    )
+    feature_dropout: float = _option(
+        0.5,
+        help="semi: fraction of the unlabelled image pairs whose two strong views get complementary channel dropout "
+        "on the features the head reads (0: none)",
+    )
+    semi_final_model: str = _option(
+        "teacher",
+        help="semi: the model saved and evaluated at the end (both are evaluated): teacher (the EMA) or student",
+        choices=SEMI_FINAL_MODELS,
+    )
     # -- runtime
     mixed_precision: str = _option(
         "fp16", help="no, fp16 (autocast + gradient scaler, GPU only) or bf16", choices=MIXED_PRECISIONS
@@ -251,6 +281,7 @@ class Recipe:
         if not 0 < self.layer_decay <= 1:
             fail("{} must lie in (0, 1]", "layer_decay")
         self._validate_unlabelled(fail)
+        self._validate_semi(fail)
 
     def _validate_unlabelled(self, fail) -> None:
         if self.unlabelled_global_batch_size < 1:
@@ -266,6 +297,25 @@ class Recipe:
         sigma = self.strong_blur_sigma
         if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
             fail("{} must hold two numbers 0 < low <= high", "strong_blur_sigma")
+
+    def _validate_semi(self, fail) -> None:
+        for name in ("confidence_threshold", "feature_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail("{} must lie in [0, 1]", name)
+        if not 0 <= self.ema_momentum < 1:
+            fail("{} must lie in [0, 1)", "ema_momentum")
+        for name in ("supervised_loss_weight", "unsupervised_loss_weight"):
+            if getattr(self, name) < 0:
+                fail("{} must not be negative", name)
+        if self.semi_supervised != "none" and self.augment_on_device:
+            # The device path decodes train-semi into a store once; the unlabelled pool (up to 1.2 million images)
+            # does not fit one, so its batches come from DataLoader workers only.
+            fail(
+                "{} cannot go with {}: the unlabelled images come from DataLoader workers (pass "
+                "--augment-on-device false)",
+                "augment_on_device",
+                "semi_supervised",
+            )
 
     @property
     def num_labels(self) -> int | None:
@@ -396,8 +446,11 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     return value
 
 
-def read_overrides(path: str | os.PathLike, origin: str | None = None) -> dict[str, Any]:
-    """Read a YAML mapping of recipe fields (a full recipe or a few overrides); errors name `origin` (the path)."""
+def read_overrides(path: str | os.PathLike, origin: str | None = None, allow_base: bool = False) -> dict[str, Any]:
+    """Read a YAML mapping of recipe fields (a full recipe or a few overrides); errors name `origin` (the path).
+
+    With `allow_base` (recipe files, not `--config` overrides), a `base: <shipped recipe>` key starts from that
+    recipe's values, so that a variant (e.g. `demo-semi`) states only what differs from it."""
     path = Path(path)
     origin = origin or str(path)
     if not path.is_file():
@@ -410,7 +463,15 @@ def read_overrides(path: str | os.PathLike, origin: str | None = None) -> dict[s
         return {}
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: expected a mapping of recipe fields, got {type(data).__name__}")
-    return {str(k): _coerce(str(k), v, origin) for k, v in data.items()}
+    values: dict[str, Any] = {}
+    if allow_base and BASE_KEY in data:
+        base = str(data.pop(BASE_KEY))
+        base_path = recipe_path(base)
+        if base_path is None or base_path.resolve() == path.resolve():
+            raise RecipeError(f"{origin}: {BASE_KEY} {base!r} is not another shipped recipe ({_shipped_names()})")
+        values = read_overrides(base_path, f"recipe {base}", allow_base=True)
+    values.update({str(k): _coerce(str(k), v, origin) for k, v in data.items()})
+    return values
 
 
 def load_recipe(
@@ -425,14 +486,14 @@ def load_recipe(
     """
     candidate = Path(name_or_yaml)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
-        values = read_overrides(candidate)
+        values = read_overrides(candidate, allow_base=True)
         base = str(candidate)
     else:
         path = recipe_path(str(name_or_yaml))
         if path is None:
             raise RecipeError(f"unknown recipe {str(name_or_yaml)!r}; available: {_shipped_names()} (or a YAML file)")
         base = f"recipe {name_or_yaml}"
-        values = read_overrides(path, base)
+        values = read_overrides(path, base, allow_base=True)
     origins = {key: (origins or {}).get(key, OVERRIDES_ORIGIN) for key in overrides or {}}
     for key, value in (overrides or {}).items():
         values[key] = _coerce(key, value, origins[key])
@@ -447,8 +508,9 @@ def load_recipe(
 # -- command line -----------------------------------------------------------------------------------------------------
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--recipe`, `--config FILE`, `--set KEY=VALUE` and one `--field-name VALUE` flag per Recipe field."""
+def add_recipe_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Add `--recipe`, `--config FILE`, `--set KEY=VALUE` and one `--field-name VALUE` flag per Recipe field (but
+    the fields in `exclude`, which the script sets itself)."""
     parser.add_argument(
         "--recipe",
         default="demo",
@@ -462,6 +524,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "recipe fields (override the recipe; LIST and MAPPING values are YAML, null unsets an optional field)"
     )
     for f in dataclasses.fields(Recipe):
+        if f.name in exclude:
+            continue
         choices = f.metadata["choices"]
         group.add_argument(
             "--" + f.name.replace("_", "-"),
