@@ -35,6 +35,7 @@ RESUMABLE_FIELDS = frozenset(
         "prepare_timeout",
         # a run stopped by an undecodable unlabelled file resumes skipping it; every other sample stays the same
         "skip_bad_unlabelled",
+        "semi_final_model",  # which of the two trained models is saved at the end; both train the same either way
     }
 )
 
