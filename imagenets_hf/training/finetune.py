@@ -565,7 +565,11 @@ def setup_run(
 
     skip = training_progress.iteration * accumulation
     batches = build_batches(recipe, train_rows, accelerator, skip=skip)
-    unlabelled = build_unlabelled(recipe, accelerator, skip, budget.unlabelled) if teacher is not None else None
+    # The unlabelled stream starts at iteration unsupervised_start_iter: its micro-batches used so far.
+    skip_unlabelled = max(0, training_progress.iteration - recipe.unsupervised_start_iter) * accumulation
+    unlabelled = (
+        build_unlabelled(recipe, accelerator, skip_unlabelled, budget.unlabelled) if teacher is not None else None
+    )
 
     hparams = {k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(recipe.name, config=hparams, init_kwargs=tracker_init_kwargs(recipe))
@@ -720,7 +724,7 @@ def train_step(run: TrainingRun, iteration: int) -> tuple[float, float]:
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         last_micro_step = micro_step == run.accumulation - 1
         with nullcontext() if last_micro_step else accelerator.no_sync(model):
-            if run.teacher is None:
+            if run.teacher is None or iteration < run.recipe.unsupervised_start_iter:
                 loss = model(pixel_values=pixel_values, labels=labels).loss
                 parts = [loss.detach()]
             else:

@@ -192,6 +192,11 @@ class Recipe:
     unsupervised_loss_weight: float = _option(
         0.5, help="semi: weight of the mean of the two strong views' losses (UniMatch V2: 0.5)"
     )
+    unsupervised_start_iter: int = _option(
+        0,
+        help="semi: iterations trained on the labelled images alone before the unlabelled stream starts (a burn-in for "
+        "models trained from scratch, whose first pseudo-labels are noise; UniMatch V2 starts at once: 0)",
+    )
     feature_dropout: float = _option(
         0.5,
         help="semi: fraction of the unlabelled image pairs whose two strong views get complementary channel dropout "
@@ -304,6 +309,14 @@ class Recipe:
                 fail("{} must lie in [0, 1]", name)
         if not 0 <= self.ema_momentum < 1:
             fail("{} must lie in [0, 1)", "ema_momentum")
+        if self.unsupervised_start_iter < 0:
+            fail("{} must not be negative", "unsupervised_start_iter")
+        if self.semi_supervised != "none" and self.unsupervised_start_iter >= self.max_iters:
+            fail(
+                "{} must be smaller than {} (the unlabelled images would never be used)",
+                "unsupervised_start_iter",
+                "max_iters",
+            )
         for name in ("supervised_loss_weight", "unsupervised_loss_weight"):
             if getattr(self, name) < 0:
                 fail("{} must not be negative", name)
