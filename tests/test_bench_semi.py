@@ -32,7 +32,9 @@ def test_summary_pairs_each_seed_and_takes_mean_and_spread(monkeypatch, tmp_path
     from imagenets_hf.training import finetune as finetune_module
 
     monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
-    summary = bench.run_semi_benchmark([1], [0, 1], output_root=tmp_path, overrides={"max_iters": 50}, log=None)
+    summary = bench.run_semi_benchmark(
+        [1], [0, 1], output_root=tmp_path, overrides={"max_iters": 50, "unsupervised_start_iter": 10}, log=None
+    )
     (row,) = summary["budgets"]
     assert (row["supervised"], row["semi"], row["gain_mean"]) == ([10.0, 20.0], [14.0, 22.0], 3.0)
     assert row["gain_std"] == pytest.approx(2**0.5)
@@ -56,6 +58,7 @@ def test_a_supervised_recipe_is_refused():
 def test_bench_semi_runs_at_toy_size(mini_dir, tmp_path):
     """The script end to end on the tiny recipe (2 iterations a run, 1 budget, 1 seed): a table, then one JSON line."""
     toy = {**TINY_RECIPE, "max_iters": 2, "warmup_iters": 1, "checkpoint_interval": 0, "num_workers": 0}
+    toy["unsupervised_start_iter"] = 1  # iteration 0 on the labelled images alone, iteration 1 with both streams
     toy["unlabelled_global_batch_size"] = 4
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, str(REPO / "scripts" / "bench_semi.py"), "--labels-per-class", "1", "--seeds", "0"]
