@@ -64,7 +64,7 @@ def test_other_files_are_named_and_tiny_images_warned_about(saved_model, images,
     status, lines = predict(saved_model, images, out, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, lines
     assert sorted(lines) == [  # run_script gives stdout's lines, then stderr's (the warnings)
-        f"2 predictions written to {out} (this process)",
+        f"2 predictions written to {out} (this process; inference: whole (official protocol))",
         f"note: left out 2 files (extra/data.json, {WNID}/notes.txt) of {images}: not images by their extension",
         f"warning: {images / WNID / 'tiny.png'}: 1x1 pixels, under 16 on a side: its prediction means little",
     ]
@@ -87,7 +87,7 @@ def test_unreadable_image_stops_in_one_line_or_is_skipped_and_listed(
     assert status == 0, lines
     listed = f"{bad}: cannot read image (UnidentifiedImageError: cannot identify image file '{bad}')"
     assert lines[-4:-1] == [  # then the warning about tiny.png (stderr)
-        f"2 predictions written to {out} (this process)",
+        f"2 predictions written to {out} (this process; inference: whole (official protocol))",
         f"skipped 1 unreadable image(s) (listed in {out / 'skipped_images.txt'}):",
         f"  {listed}",
     ]
@@ -103,7 +103,7 @@ def test_decompression_bomb_limits_become_our_lines(saved_model, tmp_path, monke
     status, lines = predict(saved_model, images, tmp_path / "pred", monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, lines
     assert lines == [
-        f"1 predictions written to {tmp_path / 'pred'} (this process)",
+        f"1 predictions written to {tmp_path / 'pred'} (this process; inference: whole (official protocol))",
         f"warning: {images / WNID / 'large.png'}: 40x30 pixels (0 megapixels) is over PIL's decompression-bomb limit "
         "(0 megapixels): predicted anyway, in much memory",
     ]
