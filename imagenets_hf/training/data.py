@@ -244,13 +244,29 @@ def build_train_dataloader(
             )
     dataset = AugmentedSegmentationDataset(rows, augmentation, seed=seed, masks=masks)
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+    return sharded_dataloader(dataset, sampler, batch_size, num_workers, seed + rank, context, timeout, pin_memory)
+
+
+def sharded_dataloader(
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int,
+    generator_seed: int,
+    context: Any,
+    timeout: float,
+    pin_memory: bool,
+) -> DataLoader:
+    """The endless DataLoader of a training stream (labelled or unlabelled): whole batches of `sampler`'s
+    (index, position) keys made by the dataset's `__getitems__` in workers started from `context`; its own generator
+    (`generator_seed`), so creating its iterator leaves the global torch random state alone."""
     return DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
         collate_fn=_keep_batch,
         num_workers=num_workers,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed + rank),
+        generator=torch.Generator().manual_seed(generator_seed),
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         multiprocessing_context=context,

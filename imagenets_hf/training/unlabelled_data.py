@@ -58,7 +58,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from imagenets_hf.data.augment import (
     _EXIF_ORIENTATION,
@@ -71,7 +71,7 @@ from imagenets_hf.data.augment import (
     sample_uniforms,
 )
 from imagenets_hf.runtime import bounded_batches, worker_context
-from imagenets_hf.training.data import InfiniteShardedSampler, _keep_batch, sample_seed, seed_worker
+from imagenets_hf.training.data import InfiniteShardedSampler, sample_seed, sharded_dataloader
 
 # What the index takes for an image (lower case); anything else in the folders is passed over and counted.
 UNLABELLED_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -552,19 +552,7 @@ def build_unlabelled_dataloader(
         pool.share_memory()
     dataset = UnlabelledDataset(pool, config, strong, seed, skip_bad)
     sampler = InfiniteShardedSampler(len(pool), seed=unlabelled_seeds(seed).order, rank=rank, world_size=world_size)
-    return DataLoader(
-        dataset,
-        batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
-        collate_fn=_keep_batch,
-        num_workers=num_workers,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed + rank),
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
-        multiprocessing_context=context,
-        timeout=timeout if num_workers > 0 else 0,
-        pin_memory=pin_memory,
-    )
+    return sharded_dataloader(dataset, sampler, batch_size, num_workers, seed + rank, context, timeout, pin_memory)
 
 
 class UnlabelledBatches:
