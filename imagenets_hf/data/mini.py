@@ -412,6 +412,27 @@ def is_mini_dataset_complete(
     )
 
 
+def clear_dataset_folder(out_dir: str | os.PathLike, overwrite: bool, whose: str, marker: str = MARKER_NAME) -> Path:
+    """Make way for a generated dataset in `out_dir`: FileExistsError when it already holds one of a dataset's files
+    or folders and `overwrite` is False; with `overwrite`, only those are removed (the marker first, so an interrupted
+    rewrite never looks complete). `whose` names them in the message ("the mini dataset's"); `marker`: the
+    generator's completion marker."""
+    root = Path(out_dir)
+    owned = [root / name for name in (marker, SYNSET_FILE_NAME, *SPLIT_DIRS)]
+    present = [p for p in owned if p.exists()]
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{root} already holds {present[0].name}: pass overwrite=True (--overwrite) to delete {whose} "
+            "folders there and write it again, or choose another folder"
+        )
+    for path in present:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return root
+
+
 def make_mini_dataset(
     out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, unlabelled_per_class: int | None = None
 ) -> Path:
@@ -428,19 +449,7 @@ def make_mini_dataset(
         isinstance(unlabelled_per_class, bool) or not isinstance(unlabelled_per_class, int) or unlabelled_per_class < 1
     ):
         raise ValueError(f"unlabelled images per class must be a positive integer, got {unlabelled_per_class!r}")
-    root = Path(out_dir)
-    owned = [root / name for name in (MARKER_NAME, SYNSET_FILE_NAME, *SPLIT_DIRS)]
-    present = [p for p in owned if p.exists()]
-    if present and not overwrite:
-        raise FileExistsError(
-            f"{root} already holds {present[0].name}: pass overwrite=True (--overwrite) to delete the mini dataset's "
-            "folders there and write it again, or choose another folder"
-        )
-    for path in present:  # the marker first, so an interrupted rewrite never looks complete
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    root = clear_dataset_folder(out_dir, overwrite, "the mini dataset's")
     root.mkdir(parents=True, exist_ok=True)
 
     stems = _file_stems(seed, unlabelled_per_class)

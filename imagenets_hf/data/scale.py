@@ -25,7 +25,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -35,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from imagenets_hf.data.masks import IGNORE_INDEX, OTHER_ID, SUBSET_NUM_CLASSES, encode_mask
-from imagenets_hf.data.mini import JPEG_QUALITY, SPLIT_DIRS, SYNSET_FILE_NAME, _label_edges
+from imagenets_hf.data.mini import JPEG_QUALITY, SYNSET_FILE_NAME, _label_edges, clear_dataset_folder
 
 GENERATOR_VERSION = 1
 MARKER_NAME = ".scale_complete"
@@ -226,19 +225,7 @@ def make_scale_dataset(
     counts["train"] = train_per_class * num_classes
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    root = Path(out_dir)
-    owned = [root / name for name in (MARKER_NAME, SYNSET_FILE_NAME, *SPLIT_DIRS)]
-    present = [p for p in owned if p.exists()]
-    if present and not overwrite:
-        raise FileExistsError(
-            f"{root} already holds {present[0].name}: pass overwrite=True (--overwrite) to delete the dataset's "
-            "folders there and write it again, or choose another folder"
-        )
-    for path in present:  # the marker first, so an interrupted rewrite never looks complete
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    root = clear_dataset_folder(out_dir, overwrite, "the dataset's", MARKER_NAME)
     wnids = scale_wnids(num_classes)
     for split in SPLITS:
         if counts[split] == 0:
