@@ -254,6 +254,51 @@ def test_default_folder_is_the_data_dirs_train_split_and_extra_rows_join(mini_di
     assert sample["ignore_mask"].float().mean() < 255  # decoded from the Arrow bytes
 
 
+def test_image_class_comes_from_the_first_folder_or_the_rows_label(image_dir, tmp_path):
+    """Files under a folder named after a class get its id, other files (another folder, none) -1; train-semi rows
+    their label. The batch carries them; pseudo_label_classes image_class with no file in a class folder is refused."""
+    pool = UnlabelledPool(index_image_files([image_dir]), classes={"c1": 7, "c2": 2})
+    expected = {"c0": -1, "c1": 7, "c2": 2}
+    assert [pool.item(i)[2] for i in range(len(pool))] == [
+        expected[Path(pool.item(i)[0]).parent.name] for i in range(12)
+    ]
+    assert pool.count_known_classes() == 8
+    batch = make_unlabelled_batch(pool, [0, 4, 8], [0, 1, 2], CONFIG, STRONG, seed=0)
+    assert batch["image_class"].tolist() == [pool.item(i)[2] for i in (0, 4, 8)]
+    assert (
+        make_unlabelled_batch(_pool(image_dir), [0, 4], [0, 1], CONFIG, STRONG, 0)["image_class"].tolist() == [-1] * 2
+    )
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (20, 20)).save(loose / "c1.JPEG")  # a file named like a class, in no class folder
+    assert UnlabelledPool(index_image_files([loose]), classes={"c1": 7}).item(0)[2] == -1
+
+    rows = [{"image": {"bytes": b"", "path": "x"}, "image_id": "a/x", "label": 5}]
+    assert UnlabelledPool(None, rows, classes={"c1": 7}).item(0)[2] == 5
+    assert UnlabelledPool(None, rows).item(0)[2] == -1  # classes are read only when asked for
+
+
+def test_image_class_option_reads_the_data_dirs_classes(mini_dir, image_dir):
+    from imagenets_hf.data.mini import MINI_WNIDS
+
+    recipe = load_recipe(
+        "demo",
+        {
+            "data_dir": str(mini_dir),
+            "unlabelled_global_batch_size": 4,
+            "num_workers": 0,
+            "pseudo_label_classes": "image_class",
+        },
+    )
+    lines = []
+    batch = next(build_unlabelled_batches(recipe, _fake_accelerator(), skip=0, log=lines.append))
+    assert "image_class: 60 of 60 unlabelled images have a class" in lines[0]
+    assert set(batch["image_class"].tolist()) <= set(range(1, len(MINI_WNIDS) + 1))
+    wrong = _recipe(image_dir, data_dir=str(mini_dir), pseudo_label_classes="image_class")
+    with pytest.raises(ValueError, match="no unlabelled image is in a folder named after a class"):
+        build_unlabelled_batches(wrong, _fake_accelerator(), skip=0)
+
+
 # -- one sample: draws, views, boxes, padding -------------------------------------------------------------------------
 
 

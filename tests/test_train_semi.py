@@ -83,6 +83,21 @@ def test_confident_pixels_are_kept_and_padding_excluded():
     assert targets.confident(0.95).tolist() == [[[True, False], [True, False]]]
 
 
+def test_image_class_pseudo_labels_choose_between_other_and_the_images_class():
+    """Logits (other, 1, 2, 3) = (0, 2, 1, log 3) at one pixel of each of three images whose folders give classes
+    3, unknown (-1) and 0 ("other", no object class): image 0's pseudo-label is class 3 over {other, 3} with
+    confidence 3 / (1 + 3); image 1's the unrestricted argmax (class 1, e^2 / (1 + e^2 + e + 3)); image 2's is
+    "other" with confidence 1."""
+    logits = torch.tensor([0.0, 2.0, 1.0, math.log(3.0)])[None, :, None, None].repeat(3, 1, 1, 1)
+    padding = torch.zeros(3, 1, 1, dtype=torch.uint8)
+    targets = pseudo_label(logits, padding, torch.tensor([3, -1, 0]))
+    assert targets.labels.flatten().tolist() == [3, 1, 0]
+    expected = [3 / 4, math.exp(2) / (1 + math.exp(2) + math.e + 3), 1.0]
+    assert targets.confidence.flatten().tolist() == pytest.approx(expected, rel=1e-6)
+    unrestricted = pseudo_label(logits, padding)
+    assert unrestricted.labels.flatten().tolist() == [1, 1, 1]
+
+
 def test_unsupervised_loss_sums_confident_pixels_over_non_padding_ones():
     """(CE of the two confident pixels) / 3 non-padding pixels, as unimatch_v2.py normalises."""
     model = SimpleNamespace(config=SimpleNamespace(ignore_index=1000), loss_labels=lambda labels: labels.long())
@@ -137,6 +152,8 @@ def test_semi_recipe_fields_are_validated_in_one_line():
         load_recipe("demo", {"semi_supervised": "fixmatch"})
     with pytest.raises(RecipeError, match="unsupervised_loss_weight"):
         load_recipe("demo", {"unsupervised_loss_weight": -1})
+    with pytest.raises(RecipeError, match="pseudo_label_classes .* must be one of all, image_class"):
+        load_recipe("demo", {"pseudo_label_classes": "folder"})
 
 
 # The tiny recipe, semi-supervised: global batches of 8 labelled (1 process x 4 x 2 accumulation, or 2 x 4) and 8

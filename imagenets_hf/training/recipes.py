@@ -36,6 +36,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")  # accelerate's trackers a run may log to (`report_to`)
 SEMI_METHODS = ("none", "unimatch")
 SEMI_FINAL_MODELS = ("teacher", "student")
+PSEUDO_LABEL_CLASSES = ("all", "image_class")
 OVERRIDES_ORIGIN = "overrides"  # where a value passed to `load_recipe(..., overrides)` without an origin came from
 BASE_KEY = "base"  # in a recipe file: the shipped recipe it starts from (see read_overrides)
 
@@ -201,6 +202,13 @@ class Recipe:
         0.5,
         help="semi: fraction of the unlabelled image pairs whose two strong views get complementary channel dropout "
         "on the features the head reads (0: none)",
+    )
+    pseudo_label_classes: str = _option(
+        "all",
+        help="semi: all: the teacher's pseudo-labels may be any class (UniMatch V2); image_class: only 'other' and the "
+        "image's own class, read from its folder (ImageNet-S train/<wnid>/: the ImageNet class every unlabelled image "
+        "has), for images whose folder names a class",
+        choices=PSEUDO_LABEL_CLASSES,
     )
     semi_final_model: str = _option(
         "teacher",

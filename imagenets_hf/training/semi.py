@@ -7,16 +7,23 @@ alike) and go through the student in one forward with complementary feature drop
 `supervised_loss_weight` x the labelled loss + `unsupervised_loss_weight` x the mean of the two strong views' losses,
 each normalised by the number of non-padding pixels (not by the confident ones), as UniMatch V2 does. After each
 optimizer step the teacher moves towards the student with momentum min(1 - 1/(t + 1), `ema_momentum`).
+
+`pseudo_label_classes: image_class` (not UniMatch V2's) lets a pseudo-label take only "other" and the unlabelled
+image's own class, where its folder gives one (ImageNet-S's unlabelled images are ImageNet train images, each in its
+class's folder): the teacher's confusions between classes cannot become targets; its errors between object and
+background still can.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from imagenets_hf.data.masks import OTHER_ID
 from imagenets_hf.model.modeling_vit_fcn import resize_bilinear
 
 PADDING = 255  # `ignore_mask` of the unlabelled batches: 255 where the crop is padding (no image)
@@ -77,11 +84,28 @@ class PseudoLabels:
         return (self.confidence >= threshold) & (self.padding != PADDING)
 
 
-def pseudo_label(teacher_logits: torch.Tensor, padding: torch.Tensor) -> PseudoLabels:
+def allowed_classes(image_class: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """bool (B, K): the classes a pseudo-label may take under `pseudo_label_classes: image_class`: "other" and the
+    image's own class (`image_class` (B,) int), or every class where it is unknown (negative)."""
+    known = image_class >= 0
+    allowed = ~known[:, None].expand(-1, num_labels).clone()
+    allowed[:, OTHER_ID] = True
+    rows = known.nonzero()[:, 0]
+    allowed[rows, image_class[rows]] = True
+    return allowed
+
+
+def pseudo_label(
+    teacher_logits: torch.Tensor, padding: torch.Tensor, image_class: torch.Tensor | None = None
+) -> PseudoLabels:
     """Pseudo-labels from the teacher's logits (B, K, h, w), upsampled bilinearly to the crops' size first (the
-    padding mask's), as the model's loss upsamples its logits."""
-    probs = resize_bilinear(teacher_logits.float(), tuple(padding.shape[-2:])).softmax(dim=1)
-    confidence, labels = probs.max(dim=1)
+    padding mask's), as the model's loss upsamples its logits. With `image_class` (B,) the softmax and argmax run
+    over `allowed_classes` only (the others' logits set to -inf after the resize)."""
+    logits = resize_bilinear(teacher_logits.float(), tuple(padding.shape[-2:]))
+    if image_class is not None:
+        allowed = allowed_classes(image_class, logits.shape[1])
+        logits = logits.masked_fill(~allowed[:, :, None, None], -math.inf)
+    confidence, labels = logits.softmax(dim=1).max(dim=1)
     return PseudoLabels(labels, confidence, padding)
 
 
@@ -126,7 +150,8 @@ def semi_losses(
     bare = extract_model_from_parallel(model, keep_torch_compile=False)
     weak = unlabelled["image_weak"]
     with torch.no_grad(), autocast():
-        targets = pseudo_label(teacher(pixel_values=weak).logits, unlabelled["ignore_mask"])
+        image_class = unlabelled["image_class"] if recipe.pseudo_label_classes == "image_class" else None
+        targets = pseudo_label(teacher(pixel_values=weak).logits, unlabelled["ignore_mask"], image_class)
     box1, box2 = unlabelled["cutmix_box1"], unlabelled["cutmix_box2"]
     strong = torch.cat((cutmix(unlabelled["image_strong1"], box1), cutmix(unlabelled["image_strong2"], box2)))
     loss_x = model(pixel_values=pixel_values, labels=labels).loss

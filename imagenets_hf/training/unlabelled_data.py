@@ -25,7 +25,10 @@ One sample (`make_unlabelled_sample`):
   U(`strong_blur_sigma`) with p = `strong_blur_prob` (torchvision v2's formulas on the uint8 crop, computed with
   OpenCV: `strong_view`);
 - a CutMix box for each strong view with p = `cutmix_prob` (`cutmix_box`: UniMatch V2's `obtain_cutmix_box` law);
-- `ignore_mask` 255 on the padding (no image there), 0 elsewhere.
+- `ignore_mask` 255 on the padding (no image there), 0 elsewhere;
+- `image_class`: the image's class id when the pool knows it (`UnlabelledPool.classes`: a file whose first folder
+  under its root is a class's wnid, as ImageNet-S's `train/<wnid>/`, or a train-semi image's label), else -1; read
+  by the pseudo-labels only with `pseudo_label_classes: image_class` (`semi.pseudo_label`).
 
 Where this departs from UniMatch V2, and why: its resize draws the long side in [0.5, 2] x the image's own (here
 the recipe's mmseg resize, as the labelled stream, so the two streams see objects at the same scales); it pads the
@@ -76,7 +79,16 @@ from imagenets_hf.training.data import InfiniteShardedSampler, sample_seed, shar
 # What the index takes for an image (lower case); anything else in the folders is passed over and counted.
 UNLABELLED_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IGNORE_VALUE = 255
-BATCH_KEYS = ("image_weak", "image_strong1", "image_strong2", "ignore_mask", "cutmix_box1", "cutmix_box2")
+BATCH_KEYS = (
+    "image_weak",
+    "image_strong1",
+    "image_strong2",
+    "ignore_mask",
+    "cutmix_box1",
+    "cutmix_box2",
+    "image_class",
+)
+UNKNOWN_CLASS = -1  # `image_class` of an image whose folder names no class
 SKIPPED_KEY = "skipped_files"  # a worker's batch names its skipped files here; `UnlabelledBatches` takes it out
 BLUR_KERNEL = 13  # taps: 3 sigma on each side at sigma 2 (as `transforms.imagenetsegmodel_train_transform`)
 # UniMatch V2's `obtain_cutmix_box` defaults: box area in [0.02, 0.4] of the crop, aspect ratio in [0.3, 1 / 0.3].
@@ -220,14 +232,17 @@ def index_image_files(folders: Sequence[str | os.PathLike], what: str = "unlabel
 
 class UnlabelledPool:
     """The unlabelled images: the files of an `ImageFileIndex`, then (optionally) `extra` rows of a `datasets`
-    split (train-semi images whose masks a label budget dropped), read as encoded bytes."""
+    split (train-semi images whose masks a label budget dropped), read as encoded bytes. `classes` (wnid -> class
+    id, optional): a file whose first folder under its root is one of these wnids has that class (ImageNet-S's
+    `train/<wnid>/`), an extra row its `label`; without it, or for other files, the class is `UNKNOWN_CLASS`."""
 
-    def __init__(self, files: ImageFileIndex | None, extra: Any = None):
+    def __init__(self, files: ImageFileIndex | None, extra: Any = None, classes: dict[str, int] | None = None):
         if extra is not None and isinstance(extra, datasets.Dataset):
-            extra = extra.select_columns([name for name in ("image", "image_id") if name in extra.column_names])
+            extra = extra.select_columns([n for n in ("image", "image_id", "label") if n in extra.column_names])
             extra = extra.cast_column("image", datasets.Image(decode=False))
         self.files = files
         self.extra = extra
+        self.classes = {os.fsencode(wnid): label for wnid, label in (classes or {}).items()}
         self.num_files = 0 if files is None else len(files)
         if len(self) == 0:
             raise ValueError("the unlabelled pool is empty: no image folder and no train-semi image without its mask")
@@ -235,13 +250,30 @@ class UnlabelledPool:
     def __len__(self) -> int:
         return self.num_files + (0 if self.extra is None else len(self.extra))
 
-    def item(self, index: int) -> tuple[str, Any]:
-        """(name for messages, encoded image: a path or a `datasets` value) of pool entry `index`."""
+    def item(self, index: int) -> tuple[str, Any, int]:
+        """(name for messages, encoded image: a path or a `datasets` value, class id or `UNKNOWN_CLASS`) of pool
+        entry `index`."""
         if index < self.num_files:
             path = self.files.path(index)
-            return path, path
+            return path, path, self._file_class(index)
         row = self.extra[index - self.num_files]
-        return f"train-semi image {row.get('image_id', index - self.num_files)}", row["image"]
+        label = row.get("label") if self.classes else None
+        name = f"train-semi image {row.get('image_id', index - self.num_files)}"
+        return name, row["image"], UNKNOWN_CLASS if label is None else int(label)
+
+    def count_known_classes(self) -> int:
+        """How many entries have a class (not `UNKNOWN_CLASS`)."""
+        if not self.classes:
+            return 0
+        extra = 0 if self.extra is None else len(self.extra)
+        return sum(self._file_class(i) != UNKNOWN_CLASS for i in range(self.num_files)) + extra
+
+    def _file_class(self, index: int) -> int:
+        if not self.classes:
+            return UNKNOWN_CLASS
+        files = self.files
+        folder, slash, _ = files.names[files.offsets[index] : files.offsets[index + 1]].tobytes().partition(b"/")
+        return self.classes.get(folder, UNKNOWN_CLASS) if slash else UNKNOWN_CLASS
 
     def share_memory(self) -> UnlabelledPool:
         if self.files is not None:
@@ -437,6 +469,7 @@ def make_unlabelled_batch(
     sizes = np.ones((count, 2), dtype=np.int64)
     skipped: list[str] = []
     names = []
+    image_class = np.full(count, UNKNOWN_CLASS, dtype=np.int64)
 
     def bad(name: str, err: Exception) -> None:
         if not skip_bad:
@@ -448,7 +481,7 @@ def make_unlabelled_batch(
         skipped.append(name)
 
     for i, index in enumerate(indices):
-        name, value = pool.item(int(index))
+        name, value, image_class[i] = pool.item(int(index))
         names.append(name)
         try:
             data = _encoded_bytes(value)
@@ -493,6 +526,7 @@ def make_unlabelled_batch(
         "ignore_mask": torch.from_numpy(ignore),
         "cutmix_box1": torch.from_numpy(boxes[0]),
         "cutmix_box2": torch.from_numpy(boxes[1]),
+        "image_class": torch.from_numpy(image_class),
         SKIPPED_KEY: skipped,
     }
 
@@ -633,7 +667,9 @@ def build_unlabelled_batches(
     The pool: the image files under `unlabelled_folders(recipe)`, then `extra_pool` (rows of train-semi whose masks
     a label budget dropped, `LabelBudget.unlabelled`), if any. A batch is a dict of "image_weak", "image_strong1",
     "image_strong2" (float32 (B, 3, C, C), normalised as the labelled pixel_values), "ignore_mask" (uint8 (B, C, C),
-    255 on padding), "cutmix_box1", "cutmix_box2" (uint8 (B, C, C), 1 inside the box), B =
+    255 on padding), "cutmix_box1", "cutmix_box2" (uint8 (B, C, C), 1 inside the box), "image_class" (int64 (B,):
+    with `pseudo_label_classes: image_class`, the class of an image whose first folder is a wnid of the data's classes,
+    or a train-semi image's label; else -1), B =
     `unlabelled_batch_size(recipe, processes)`, C = crop_size. Workers: `recipe.num_workers` (0: in this process);
     a batch that takes over `recipe.worker_timeout` ends the run in one line. `log` (default `accelerator.print`)
     hears the index's size and time and each skipped file."""
@@ -643,8 +679,23 @@ def build_unlabelled_batches(
     what = "unlabelled_dirs" if recipe.unlabelled_dirs else f"unlabelled_dirs empty: {recipe.data_dir}/train"
     files = index_image_files(folders, what=what)
     check_same_index(files)
-    pool = UnlabelledPool(files, extra_pool)
+    classes = None
+    if recipe.pseudo_label_classes == "image_class":
+        from imagenets_hf.data.imagenets import list_classes
+
+        classes = {wnid: index + 1 for index, wnid in enumerate(list_classes(recipe.data_dir))}
+    pool = UnlabelledPool(files, extra_pool, classes)
     batch_size = unlabelled_batch_size(recipe, accelerator.num_processes)
+    if classes is not None:
+        known = pool.count_known_classes()
+        log(
+            f"pseudo_label_classes image_class: {known} of {len(pool)} unlabelled images have a class from their folder"
+        )
+        if known == 0:
+            raise ValueError(
+                f"pseudo_label_classes is image_class but no unlabelled image is in a folder named after a class of "
+                f"{recipe.data_dir} (train/<wnid>/...): use such folders, or pseudo_label_classes all"
+            )
     log(
         f"Indexed {len(files)} unlabelled image files in {', '.join(map(str, folders))} "
         f"({files.nbytes / 2**20:.1f} MiB index, {files.other_files} other files passed over) in "
