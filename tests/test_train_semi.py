@@ -83,19 +83,24 @@ def test_confident_pixels_are_kept_and_padding_excluded():
     assert targets.confident(0.95).tolist() == [[[True, False], [True, False]]]
 
 
-def test_image_class_pseudo_labels_choose_between_other_and_the_images_class():
-    """Logits (other, 1, 2, 3) = (0, 2, 1, log 3) at one pixel of each of three images whose folders give classes
-    3, unknown (-1) and 0 ("other", no object class): image 0's pseudo-label is class 3 over {other, 3} with
-    confidence 3 / (1 + 3); image 1's the unrestricted argmax (class 1, e^2 / (1 + e^2 + e + 3)); image 2's is
-    "other" with confidence 1."""
-    logits = torch.tensor([0.0, 2.0, 1.0, math.log(3.0)])[None, :, None, None].repeat(3, 1, 1, 1)
-    padding = torch.zeros(3, 1, 1, dtype=torch.uint8)
-    targets = pseudo_label(logits, padding, torch.tensor([3, -1, 0]))
-    assert targets.labels.flatten().tolist() == [3, 1, 0]
-    expected = [3 / 4, math.exp(2) / (1 + math.exp(2) + math.e + 3), 1.0]
-    assert targets.confidence.flatten().tolist() == pytest.approx(expected, rel=1e-6)
+def test_image_class_pseudo_labels_take_objectness_from_the_teacher_and_the_class_from_the_folder():
+    """Two pixels: logits (other, 1, 2, 3) = (0, 2, 1, log 3) (p_other = 1/14.107: an object, mostly class 1) and
+    (log 9, 0, 0, 0) (p_other = 9/12: other), in three images whose folders give class 3, unknown (-1) and 2. Known
+    classes: the object pixel takes the folder's class with confidence 1 - p_other, the other pixel "other" with
+    p_other; unknown: the plain argmax and softmax maximum."""
+    pixels = torch.tensor([[0.0, 2.0, 1.0, math.log(3.0)], [math.log(9.0), 0.0, 0.0, 0.0]])  # (2 pixels, 4 classes)
+    logits = pixels.T[None, :, None, :].repeat(3, 1, 1, 1)  # (3, 4, 1, 2)
+    padding = torch.zeros(3, 1, 2, dtype=torch.uint8)
+    targets = pseudo_label(logits, padding, torch.tensor([3, -1, 2]))
+    assert targets.labels[:, 0].tolist() == [[3, 0], [1, 0], [2, 0]]
+    total = 1 + math.exp(2) + math.e + 3
+    object_confidence, other_confidence = 1 - 1 / total, 9 / 12
+    expected = [[object_confidence, other_confidence], [math.exp(2) / total, other_confidence]] + [
+        [object_confidence, other_confidence]
+    ]
+    assert targets.confidence[:, 0].tolist() == [pytest.approx(row, rel=1e-6) for row in expected]
     unrestricted = pseudo_label(logits, padding)
-    assert unrestricted.labels.flatten().tolist() == [1, 1, 1]
+    assert unrestricted.labels[:, 0].tolist() == [[1, 0]] * 3
 
 
 def test_unsupervised_loss_sums_confident_pixels_over_non_padding_ones():

@@ -205,9 +205,9 @@ class Recipe:
     )
     pseudo_label_classes: str = _option(
         "all",
-        help="semi: all: the teacher's pseudo-labels may be any class (UniMatch V2); image_class: only 'other' and the "
-        "image's own class, read from its folder (ImageNet-S train/<wnid>/: the ImageNet class every unlabelled image "
-        "has), for images whose folder names a class",
+        help="semi: all: the pseudo-label is the teacher's argmax (UniMatch V2); image_class: the teacher decides object "
+        "against other, the image's folder which class the object is (ImageNet-S train/<wnid>/: the ImageNet class "
+        "every unlabelled image has), for images whose folder names a class",
         choices=PSEUDO_LABEL_CLASSES,
     )
     semi_final_model: str = _option(

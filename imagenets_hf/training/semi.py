@@ -8,16 +8,15 @@ alike) and go through the student in one forward with complementary feature drop
 each normalised by the number of non-padding pixels (not by the confident ones), as UniMatch V2 does. After each
 optimizer step the teacher moves towards the student with momentum min(1 - 1/(t + 1), `ema_momentum`).
 
-`pseudo_label_classes: image_class` (not UniMatch V2's) lets a pseudo-label take only "other" and the unlabelled
-image's own class, where its folder gives one (ImageNet-S's unlabelled images are ImageNet train images, each in its
-class's folder): the teacher's confusions between classes cannot become targets; its errors between object and
-background still can.
+`pseudo_label_classes: image_class` (not UniMatch V2's) takes the class of a pseudo-labelled object from the unlabelled
+image's folder where it gives one (ImageNet-S's unlabelled images are ImageNet train images, each in its class's
+folder) and only object against "other" from the teacher: the teacher's confusions between classes cannot become
+targets; its errors between object and background still can.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -84,28 +83,25 @@ class PseudoLabels:
         return (self.confidence >= threshold) & (self.padding != PADDING)
 
 
-def allowed_classes(image_class: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """bool (B, K): the classes a pseudo-label may take under `pseudo_label_classes: image_class`: "other" and the
-    image's own class (`image_class` (B,) int), or every class where it is unknown (negative)."""
-    known = image_class >= 0
-    allowed = ~known[:, None].expand(-1, num_labels).clone()
-    allowed[:, OTHER_ID] = True
-    rows = known.nonzero()[:, 0]
-    allowed[rows, image_class[rows]] = True
-    return allowed
-
-
 def pseudo_label(
     teacher_logits: torch.Tensor, padding: torch.Tensor, image_class: torch.Tensor | None = None
 ) -> PseudoLabels:
     """Pseudo-labels from the teacher's logits (B, K, h, w), upsampled bilinearly to the crops' size first (the
-    padding mask's), as the model's loss upsamples its logits. With `image_class` (B,) the softmax and argmax run
-    over `allowed_classes` only (the others' logits set to -inf after the resize)."""
-    logits = resize_bilinear(teacher_logits.float(), tuple(padding.shape[-2:]))
+    padding mask's), as the model's loss upsamples its logits: the softmax's argmax and maximum.
+
+    With `image_class` (B,) (`pseudo_label_classes: image_class`), an image of known class c (>= 0) gets a two-way
+    decision instead: "object" (the softmax mass of every class but "other", 1 - p_other) against "other"; a pixel
+    is labelled c where the object's mass is larger, "other" elsewhere, with that mass as its confidence. The teacher
+    says where an object is, the image's folder which class it is. Images of unknown class (-1) keep the argmax."""
+    probs = resize_bilinear(teacher_logits.float(), tuple(padding.shape[-2:])).softmax(dim=1)
+    confidence, labels = probs.max(dim=1)
     if image_class is not None:
-        allowed = allowed_classes(image_class, logits.shape[1])
-        logits = logits.masked_fill(~allowed[:, :, None, None], -math.inf)
-    confidence, labels = logits.softmax(dim=1).max(dim=1)
+        known = (image_class >= 0)[:, None, None]
+        p_other = probs[:, OTHER_ID]
+        is_object = p_other < 0.5
+        object_labels = torch.where(is_object, image_class[:, None, None], torch.full_like(labels, OTHER_ID))
+        labels = torch.where(known, object_labels, labels)
+        confidence = torch.where(known, torch.maximum(p_other, 1 - p_other), confidence)
     return PseudoLabels(labels, confidence, padding)
 
 
