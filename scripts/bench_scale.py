@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-images", type=cli.positive_int, default=200, help="validation images evaluated")
     parser.add_argument("--predict-images", type=cli.positive_int, default=200, help="test images predicted")
     parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="evaluation and prediction batch")
+    parser.add_argument(
+        "--num-workers", type=cli.non_negative_int, default=2, help="evaluation and prediction DataLoader workers"
+    )
+    parser.add_argument(
+        "--cache-dir", help="datasets cache to use (and keep) instead of WORK_DIR/cache: rerun later stages alone"
+    )
     parser.add_argument("--train-iters", type=cli.positive_int, default=2, help="training iterations run")
     parser.add_argument("--num-proc", type=cli.positive_int, help="threads building the cache (default: every core)")
     parser.add_argument("--no-copy-images", action="store_true", help="cache image paths, not bytes (copy_images)")
@@ -46,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         eval_images=args.eval_images,
         predict_images=args.predict_images,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
         train_iters=args.train_iters,
         num_proc=args.num_proc,
+        cache_dir=args.cache_dir,
         copy_images=not args.no_copy_images,
         recipe_overrides=overrides,
         stages=tuple(args.stages),

@@ -32,11 +32,11 @@ def test_tree_memory_counts_this_process(tmp_path):
 def test_toy_scale_benchmark_runs_every_stage(tmp_path, monkeypatch, capsys):
     data = make_scale_dataset(tmp_path / "data", scale=3, workers=1)
     counts = scale_counts(3)
-    work = tmp_path / "work"
+    work, cache = tmp_path / "work", tmp_path / "cache"
     code, lines = run_script(
         "bench_scale",
         *("--data-dir", data, "--work-dir", work, "--eval-images", 3, "--predict-images", 4),
-        *("--batch-size", 2, "--train-iters", 1, "--toy"),
+        *("--batch-size", 2, "--train-iters", 1, "--toy", "--cache-dir", cache),
         monkeypatch=monkeypatch,
         capsys=capsys,
     )
@@ -59,6 +59,28 @@ def test_toy_scale_benchmark_runs_every_stage(tmp_path, monkeypatch, capsys):
     for stage in ("evaluate", "predict"):
         assert stages[stage]["cpu_s_per_image"] == round(stages[stage]["cpu_s"] / stages[stage]["images"], 4)
     assert not work.exists()  # deleted without --keep
+
+    # A later stage alone, on the kept cache, without DataLoader workers: the cache is read, not rebuilt.
+    cached = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+    code, lines = run_script(
+        "bench_scale",
+        *("--data-dir", data, "--work-dir", work, "--eval-images", 3, "--stages", "evaluate"),
+        *("--toy", "--cache-dir", cache, "--num-workers", 0),
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    assert code == 0, lines
+    again = json.loads(lines[-1])
+    assert again["num_workers"] == 0 and set(again["stages"]) == {"save_model", "evaluate"}
+    assert again["stages"]["evaluate"]["mIoU"] == stages["evaluate"]["mIoU"]
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()} == cached
+
+
+def test_a_cache_folder_inside_the_work_folder_is_refused(tmp_path):
+    from imagenets_hf.benchmarks.scale import run_scale_benchmark
+
+    with pytest.raises(ValueError, match="is inside the work folder"):
+        run_scale_benchmark(tmp_path, tmp_path / "work", cache_dir=tmp_path / "work" / "cache", stages=())
 
 
 def test_training_stage_refuses_to_reach_the_end_of_the_run(tmp_path):

@@ -188,7 +188,9 @@ def _save_model(data_dir: str, model_dir: str, overrides: dict[str, Any]) -> dic
     return {"num_labels": len(names)}
 
 
-def _evaluate(data_dir: str, model_dir: str, images: int, batch_size: int, copy_images: bool) -> dict[str, Any]:
+def _evaluate(
+    data_dir: str, model_dir: str, images: int, batch_size: int, copy_images: bool, num_workers: int
+) -> dict[str, Any]:
     from imagenets_hf.data.imagenets import load_imagenets
     from imagenets_hf.evaluation.inference import evaluate_model
     from imagenets_hf.evaluation.loading import load_model_and_processor
@@ -198,16 +200,20 @@ def _evaluate(data_dir: str, model_dir: str, images: int, batch_size: int, copy_
     rows = rows.select(range(min(images, total)))
     model, processor = load_model_and_processor(model_dir, "cpu")
     started = time.perf_counter()
-    metrics = evaluate_model(model, processor, rows, batch_size=batch_size, extended=True, progress=False)
+    metrics = evaluate_model(
+        model, processor, rows, batch_size=batch_size, extended=True, progress=False, num_workers=num_workers
+    )
     seconds = time.perf_counter() - started
     return {"images": len(rows), "split_images": total, "loop_s": round(seconds, 2), "mIoU": metrics["mIoU"]}
 
 
-def _predict(model_dir: str, images_dir: str, out_dir: str, batch_size: int) -> dict[str, Any]:
+def _predict(model_dir: str, images_dir: str, out_dir: str, batch_size: int, num_workers: int) -> dict[str, Any]:
     from imagenets_hf.evaluation.run import run_prediction
 
     started = time.perf_counter()
-    result = run_prediction(model_dir, images_dir, out_dir, batch_size=batch_size, progress=False)
+    result = run_prediction(
+        model_dir, images_dir, out_dir, batch_size=batch_size, progress=False, num_workers=num_workers
+    )
     return {"images": result["predictions"], "loop_s": round(time.perf_counter() - started, 2)}
 
 
@@ -267,8 +273,10 @@ def run_scale_benchmark(
     eval_images: int = 200,
     predict_images: int = 200,
     batch_size: int = 8,
+    num_workers: int = 2,
     train_iters: int = 2,
     num_proc: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     copy_images: bool = True,
     recipe_overrides: dict[str, Any] | None = None,
     stages: tuple[str, ...] = STAGES,
@@ -278,7 +286,9 @@ def run_scale_benchmark(
     """Run the stages on `data_dir`, using `work_dir` (emptied first) for the cache, the export, the run folder, the
     model and the predictions; return the summary (`stages`: each stage's result; the cache's and the parquet's
     size; evaluation and prediction per image and extrapolated to their whole split). `work_dir` is deleted at the
-    end unless `keep`. `recipe_overrides` change the demo recipe (the tests use a toy model)."""
+    end unless `keep`. `recipe_overrides` change the demo recipe (the tests use a toy model). `num_workers`:
+    evaluation's and prediction's DataLoader workers (the scripts' default 2). `cache_dir`: a datasets cache to use
+    instead of `<work_dir>/cache` (kept: a cache built by an earlier run, so the later stages can be rerun alone)."""
     from imagenets_hf.data.imagenets import list_classes
     from imagenets_hf.runtime import describe_machine
 
@@ -287,10 +297,17 @@ def run_scale_benchmark(
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGES)}")
     data_dir = os.fspath(Path(data_dir).resolve())
     work = Path(work_dir)
+    if cache_dir is not None and Path(work_dir).resolve() in (
+        Path(cache_dir).resolve(),
+        *Path(cache_dir).resolve().parents,
+    ):
+        raise ValueError(f"cache folder {cache_dir} is inside the work folder {work_dir}, which is emptied first")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     paths = {name: os.fspath(work / name) for name in ("cache", "export", "run", "model", "share", "predictions")}
+    if cache_dir is not None:
+        paths["cache"] = os.fspath(Path(cache_dir).resolve())
     zip_path = os.fspath(work / "submission.zip")
     overrides = dict(recipe_overrides or {})
     summary: dict[str, Any] = {
@@ -301,6 +318,7 @@ def run_scale_benchmark(
         "num_proc": num_proc,
         "copy_images": copy_images,
         "batch_size": batch_size,
+        "num_workers": num_workers,
         "stages": {},
     }
     results = summary["stages"]
@@ -339,6 +357,7 @@ def run_scale_benchmark(
                 images=eval_images,
                 batch_size=batch_size,
                 copy_images=copy_images,
+                num_workers=num_workers,
             )
             _per_image(result)
         if {"predict", "submission", "check"} & set(stages):
@@ -350,6 +369,7 @@ def run_scale_benchmark(
                 images_dir=os.path.join(paths["share"], "test"),
                 out_dir=paths["predictions"],
                 batch_size=batch_size,
+                num_workers=num_workers,
             )
             result["split_images"] = test_images
             _per_image(result)
