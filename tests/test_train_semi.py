@@ -233,3 +233,14 @@ def test_semi_on_two_processes_resumes_exactly_and_from_one_process(mini_dir, tm
     completed = run_finetune([*args, "--output-dir", str(moved), "--resume"], launcher=launch_two_processes())
     assert "Resumed from" in completed.stdout and "at iteration 2" in completed.stdout
     assert json.loads((moved / "results.json").read_text())["num_processes"] == 2
+
+
+def test_model_card_says_what_a_run_learnt_from():
+    from imagenets_hf.training.finetune import describe_training_data
+
+    assert describe_training_data(load_recipe("demo")) == "train-semi"
+    semi = describe_training_data(load_recipe("demo-semi", {"labels_seed": 4, "pseudo_label_classes": "all"}))
+    assert semi == (
+        "train-semi (1 labelled image(s) a class, labels_seed 4) and the unlabelled images of `data/mini-semi/train` "
+        "(semi-supervised, unimatch: pseudo-labels the teacher's argmax, confidence >= 0.9; the teacher is saved)"
+    )

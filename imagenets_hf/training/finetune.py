@@ -255,7 +255,8 @@ def write_model_card(
         f"{images}) | {reported} | {machine}, {runtime.get('iterations')} iterations at a global batch of "
         f"{recipe.global_batch_size}, {describe_settings(recipe, runtime)}, {runtime.get('train_seconds', 0):.0f} s |",
         "",
-        f"Trained on train-semi; {runtime.get('num_processes')} process(es) x {recipe.per_device_batch_size} per "
+        f"Trained on {describe_training_data(recipe)}; {runtime.get('num_processes')} process(es) x "
+        f"{recipe.per_device_batch_size} per "
         f"device x {runtime.get('gradient_accumulation_steps')} accumulation. mIoU is the official one: the mean "
         'IoU over all classes, "other" included, in percent.',
         "",
@@ -697,6 +698,29 @@ def what_runs(accelerator: Accelerator, model: torch.nn.Module, tf32: bool) -> d
         "compiled": is_compiled_module(model),
         "tf32": tf32,
     }
+
+
+def describe_training_data(recipe: Recipe) -> str:
+    """What a run learns from, for its model card: "train-semi", with its label budget, and for a semi-supervised run
+    the unlabelled images and how they are pseudo-labelled."""
+    words = "train-semi"
+    if recipe.labels_per_class is not None:
+        seed = recipe.seed if recipe.labels_seed is None else recipe.labels_seed
+        words += f" ({recipe.labels_per_class} labelled image(s) a class, labels_seed {seed})"
+    if recipe.semi_supervised != "none":
+        from imagenets_hf.training.unlabelled_data import unlabelled_folders
+
+        folders = ", ".join(f"`{folder}`" for folder in unlabelled_folders(recipe))
+        classes = (
+            "the class from each image's folder, object against other from the teacher"
+            if recipe.pseudo_label_classes == "image_class"
+            else "the teacher's argmax"
+        )
+        words += (
+            f" and the unlabelled images of {folders} (semi-supervised, {recipe.semi_supervised}: pseudo-labels "
+            f"{classes}, confidence >= {recipe.confidence_threshold:g}; the {recipe.semi_final_model} is saved)"
+        )
+    return words
 
 
 def describe_settings(recipe: Recipe, settings: dict[str, Any]) -> str:
