@@ -140,6 +140,21 @@ def test_evaluate_model_equals_the_evaluator_on_predictions(tiny_model, labelled
     assert model.training is False
 
 
+def test_masks_in_flight_are_compact_and_keep_their_ids():
+    """The workers send masks as uint16 where the ids fit (ImageNet-S's: at most 255 + 256 * 255), else as they are."""
+    from imagenets_hf.evaluation.inference import _collate_rows, compact_ids
+
+    ids = np.array([[0, 1000], [919, 65535]], dtype=np.int64)
+    compact = compact_ids(ids)
+    assert compact.dtype == np.uint16 and np.array_equal(compact, ids)
+    for wide in (np.array([[0, 65536]]), np.array([[-1, 3]])):
+        assert compact_ids(wide) is wide
+    row = {"image": Image.new("L", (2, 2)), "annotation": ids_to_annotation(ids[:, :1].repeat(2, 1)), "image_id": "a"}
+    image, mask, image_id = _collate_rows([row])[0]
+    assert image.mode == "RGB" and mask.dtype == np.uint16 and image_id == "a"
+    assert np.array_equal(mask, decode_mask(row["annotation"]))
+
+
 def test_predictions_written_and_read_back_give_the_same_metrics(tiny_model, labelled_folder, tmp_path):
     model, processor = tiny_model
     root, rows = labelled_folder
