@@ -138,7 +138,7 @@ def test_unpublished_recipes_layer_ids_fit_their_real_encoder(name):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variants_state_only_their_differences_from_their_base(name):
     """A variant file names its base and states only its name, description, output folder and what it changes (the
-    semi-supervised method and, for the CPU demo, its data and budget); every other field is the base recipe's."""
+    semi-supervised method and its pseudo-labels' classes and, for the CPU demo, its data and budget); every other field is the base recipe's."""
     stated = stated_fields(name)
     assert stated.pop("base") == VARIANTS[name]
     recipe, base = load_recipe(name), load_recipe(VARIANTS[name])
@@ -148,7 +148,7 @@ def test_variants_state_only_their_differences_from_their_base(name):
         if field.name not in stated:
             assert getattr(recipe, field.name) == getattr(base, field.name), field.name
     if name != "demo-semi":
-        assert set(stated) == {"name", "description", "semi_supervised", "output_dir"}
+        assert set(stated) == {"name", "description", "semi_supervised", "pseudo_label_classes", "output_dir"}
         assert (recipe.max_iters, recipe.unlabelled_global_batch_size) == (3600, 256)
 
 
