@@ -21,6 +21,7 @@ def test_spread_takes_evenly_spaced_items():
 def test_tree_memory_counts_this_process(tmp_path):
     rss, pss, own = tree_memory_bytes(os.getpid())
     assert own > 10_000_000 and rss >= own and 0 < pss <= rss
+    assert tree_memory_bytes(os.getpid(), pss=False)[1] == 0
     (tmp_path / "a").write_bytes(b"x" * 1000)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "c").write_bytes(b"y" * 24)

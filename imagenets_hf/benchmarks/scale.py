@@ -3,8 +3,9 @@
 
 Each stage runs in a fresh Python process (so the first load really is first, and one stage's memory does not
 count in the next); its wall time and the peak resident memory of its process tree (the process and its DataLoader
-workers and their fork server; sampled every `SAMPLE_S` seconds: the RSS of each process summed, and the PSS, which
-counts the pages forked workers share once) are measured from outside. Stages, in order:
+workers and their fork server; the RSS of each process summed, sampled every `SAMPLE_S` seconds, and the PSS, which
+counts the pages forked workers share once, every `PSS_SAMPLE_S`: reading it walks every mapping of every process,
+which sampled as often cost a quarter of a core beside the stage it measured) are measured from outside. Stages, in order:
 
 - `first_load`: `load_imagenets` building the Arrow cache of train_semi, validation and test (`num_proc` threads).
 - `cached_load`: the same call with the cache there.
@@ -33,15 +34,17 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("first_load", "cached_load", "export", "train_start", "evaluate", "predict", "submission", "check")
-SAMPLE_S = 0.05
+SAMPLE_S = 0.1
+PSS_SAMPLE_S = 1.0
 RESULT_PREFIX = "SCALE-STAGE-RESULT "
 
 
-def tree_memory_bytes(pid: int, cpu_seconds: dict[int, float] | None = None) -> tuple[int, int, int]:
+def tree_memory_bytes(pid: int, cpu_seconds: dict[int, float] | None = None, pss: bool = True) -> tuple[int, int, int]:
     """(RSS summed over a process and all its descendants, PSS summed the same way, the process's own RSS) now;
     zeros once it has exited. PSS divides each shared page among the processes sharing it, so its sum is the
     tree's real footprint; the RSS sum counts the pages forked workers share with their parent in each of them.
-    With `cpu_seconds`, each process's CPU time so far (user + system) is recorded there by pid."""
+    With `cpu_seconds`, each process's CPU time so far (user + system) is recorded there by pid. `pss` False: 0 for
+    the PSS, which costs a walk of every mapping (the RSS is one read)."""
     import psutil
 
     try:
@@ -49,20 +52,20 @@ def tree_memory_bytes(pid: int, cpu_seconds: dict[int, float] | None = None) -> 
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0, 0
-    rss = pss = own = 0
+    rss = pss_sum = own = 0
     for process in processes:
         try:
-            info = process.memory_full_info()
+            info = process.memory_full_info() if pss else process.memory_info()
             if cpu_seconds is not None:
                 times = process.cpu_times()
                 cpu_seconds[process.pid] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss += info.rss
-        pss += getattr(info, "pss", info.rss)
+        pss_sum += getattr(info, "pss", info.rss) if pss else 0
         if process.pid == pid:
             own = info.rss
-    return rss, pss, own
+    return rss, pss_sum, own
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -98,8 +101,11 @@ def run_stage_process(
     stop = threading.Event()
 
     def sample() -> None:
+        pss_every = max(1, round(PSS_SAMPLE_S / SAMPLE_S))
+        count = 0
         while not stop.wait(SAMPLE_S):
-            for index, value in enumerate(tree_memory_bytes(process.pid, cpu_seconds)):
+            count += 1
+            for index, value in enumerate(tree_memory_bytes(process.pid, cpu_seconds, pss=count % pss_every == 1)):
                 peaks[index] = max(peaks[index], value)
 
     sampler = threading.Thread(target=sample, daemon=True)
