@@ -303,17 +303,15 @@ def run_scale_benchmark(
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGES)}")
     data_dir = os.fspath(Path(data_dir).resolve())
     work = Path(work_dir)
-    if cache_dir is not None and Path(work_dir).resolve() in (
-        Path(cache_dir).resolve(),
-        *Path(cache_dir).resolve().parents,
-    ):
+    cache = None if cache_dir is None else Path(cache_dir).resolve()
+    if cache is not None and cache.is_relative_to(work.resolve()):
         raise ValueError(f"cache folder {cache_dir} is inside the work folder {work_dir}, which is emptied first")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     paths = {name: os.fspath(work / name) for name in ("cache", "export", "run", "model", "share", "predictions")}
-    if cache_dir is not None:
-        paths["cache"] = os.fspath(Path(cache_dir).resolve())
+    if cache is not None:
+        paths["cache"] = os.fspath(cache)
     zip_path = os.fspath(work / "submission.zip")
     overrides = dict(recipe_overrides or {})
     summary: dict[str, Any] = {

@@ -36,7 +36,7 @@ from imagenets_hf.training.checkpoints import (
     save_checkpoint,
 )
 from imagenets_hf.training.data import build_device_stream, build_train_dataloader
-from imagenets_hf.training.label_budget import apply_label_budget
+from imagenets_hf.training.label_budget import apply_label_budget, budget_seed
 from imagenets_hf.training.optim import WarmupCosineLR, build_optimizer
 from imagenets_hf.training.recipes import Recipe, load_recipe
 from imagenets_hf.training.run_folder import check_output_dir, claim_output_dir, resume_command
@@ -705,8 +705,7 @@ def describe_training_data(recipe: Recipe) -> str:
     the unlabelled images and how they are pseudo-labelled."""
     words = "train-semi"
     if recipe.labels_per_class is not None:
-        seed = recipe.seed if recipe.labels_seed is None else recipe.labels_seed
-        words += f" ({recipe.labels_per_class} labelled image(s) a class, labels_seed {seed})"
+        words += f" ({recipe.labels_per_class} labelled image(s) a class, labels_seed {budget_seed(recipe)})"
     if recipe.semi_supervised != "none":
         from imagenets_hf.training.unlabelled_data import unlabelled_folders
 

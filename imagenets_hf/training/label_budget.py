@@ -77,12 +77,17 @@ def _column(rows: Any, name: str) -> list:
     return [row[name] for row in rows]
 
 
+def budget_seed(recipe: Any) -> int:
+    """The seed that chooses a budget's labelled images: `recipe.labels_seed`, or `recipe.seed` when it is null."""
+    return recipe.seed if recipe.labels_seed is None else recipe.labels_seed
+
+
 def apply_label_budget(recipe: Any, train_rows: Any) -> LabelBudget:
     """`recipe.labels_per_class` images a class of `train_rows` (rows with `label` and `image_id`), chosen by
     `recipe.labels_seed` (null: `recipe.seed`); without a budget every row is labelled."""
     if recipe.labels_per_class is None:
         return LabelBudget(train_rows, None, list(_column(train_rows, "image_id")), None, None)
-    seed = recipe.seed if recipe.labels_seed is None else recipe.labels_seed
+    seed = budget_seed(recipe)
     image_ids = list(_column(train_rows, "image_id"))
     kept = select_labelled(_column(train_rows, "label"), image_ids, recipe.labels_per_class, seed)
     dropped = np.setdiff1d(np.arange(len(image_ids)), kept)
